@@ -1,0 +1,45 @@
+"""PixelPrune: drop 32x32 pixel blocks that their causal neighbours predict,
+before the vision encoder, and run Qwen3-VL on the rest with full-image positions.
+
+The core (geometry, selectors, decoder, baselines, statistics) is plain numpy.
+Names are imported lazily so that `import pixelprune` never pulls in torch or
+transformers; `pixelprune.PrunedQwen3VL` does, when first touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "select_blocks": "pixelprune.selectors",
+    "METHODS": "pixelprune.selectors",
+    "METRICS": "pixelprune.selectors",
+    "select_blocks_torch": "pixelprune.selectors_torch",
+    "reconstruct": "pixelprune.decoder",
+    "smart_resize": "pixelprune.geometry",
+    "resize_to": "pixelprune.geometry",
+    "kept_pixel_values": "pixelprune.geometry",
+    "block_hashes": "pixelprune.hashing",
+    "frame_digest": "pixelprune.hashing",
+    "PrunedQwen3VL": "pixelprune.qwen3_vl",
+    "parse_point": "pixelprune.points",
+    "PruneSettings": "pixelprune.engine",
+    "GroundingEngine": "pixelprune.engine",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pixelprune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

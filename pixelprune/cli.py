@@ -1,0 +1,51 @@
+"""The `pixelprune` command line.
+
+Each subcommand lives in the module that owns its stage of the data flow; that
+module exposes `add_arguments(parser)` and `run(args) -> int`. Modules are
+imported only when their subcommand runs, so `pixelprune stats` never imports
+torch or transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "stats": ("pixelprune.stats", "retain ratio of images or folders (dataset level, per category)"),
+    "show": ("pixelprune.show", "draw kept and pruned blocks of one image (the paper's Figure 1)"),
+    "estimate": ("pixelprune.flops", "FLOPs and KV-cache bytes of Qwen3-VL, full vs pruned"),
+    "tiny-checkpoint": ("pixelprune.tiny", "write a tiny random-weight Qwen3-VL checkpoint for tests"),
+    "serve": ("service.cli", "run the gRPC grounding service"),
+}
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="pixelprune", description="PixelPrune: lossless visual-token pruning for Qwen3-VL")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = argv[0] if argv else None
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        if name == chosen:  # import only the module that will run
+            importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except (CliError, ValueError, FileNotFoundError, PermissionError) as exc:
+        print(f"pixelprune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
