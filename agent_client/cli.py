@@ -1,0 +1,251 @@
+"""`pixelprune-agent`: ground one screenshot, or watch a live screen.
+
+    pixelprune-agent ground --target HOST:PORT IMAGE "INSTRUCTION" [--json]
+    pixelprune-agent live --target HOST:PORT --instruction "..." [--monitor N] [--fps 2]
+                          [--frames K] [--click] [--annotate DIR] [--json]
+
+`live` captures one monitor with mss, streams the frames in one session, and for
+every answer prints the frame's sequence number, the point in frame pixels, the
+same point in GLOBAL screen coordinates (monitor offset and HiDPI scale applied,
+see agent_client.capture), the retain ratio, cache hit, TTFT and skipped frames.
+With --json every answer is one JSON object per line. User errors (unreachable
+server, bad token, no display, bad arguments) print one line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from agent_client.capture import CapturedFrame, ClickError, DisplayError, ScreenCapture, click, click_target, \
+    frame_to_global
+from agent_client.client import GroundingClient, GroundingError, GroundResult
+
+EXIT_USER_ERROR = 2
+POINT_RADIUS = 12  # px of the annotation's circle around the answer's point
+RANDOM_WEIGHTS_NOTE = "the served model has RANDOM WEIGHTS (a test checkpoint): its points mean nothing"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _add_connection_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", required=True, metavar="HOST:PORT", help="the grounding server")
+    p.add_argument("--token-file", metavar="FILE", help="file holding the bearer token")
+    p.add_argument("--tls-ca", metavar="FILE", help="PEM root certificate(s): use TLS and trust these")
+    p.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S", help="deadline per request, seconds")
+    p.add_argument("--session", metavar="ID", help="session id (reuses unchanged frames across calls)")
+    p.add_argument("--method", choices=("pred2d", "raster", "serpentine"), help="pruning scan order")
+    p.add_argument("--metric", choices=("max", "mae"), help="pruning block distance")
+    p.add_argument("--tau", type=float, help="pruning threshold in [0, 1] (0 = lossless)")
+    p.add_argument("--no-prune", action="store_true", help="let the model see every block")
+    p.add_argument("--json", action="store_true", help="print JSON (one object per answer)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pixelprune-agent", description="client of the PixelPrune grounding service")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    g = sub.add_parser("ground", help="ground an instruction on one screenshot")
+    g.add_argument("image", metavar="IMAGE", help="screenshot file (PNG/JPEG/WebP sent as is; others re-encoded)")
+    g.add_argument("instruction", metavar="INSTRUCTION", help='what to find, e.g. "click the Save button"')
+    _add_connection_arguments(g)
+    g.set_defaults(run=run_ground)
+    live = sub.add_parser("live", help="stream a monitor and ground an instruction on every frame")
+    live.add_argument("--instruction", required=True, help="what to find on the screen")
+    live.add_argument("--monitor", type=int, default=1, help="mss monitor index: 1.. one monitor, 0 all [1]")
+    live.add_argument("--fps", type=float, default=2.0, help="frames captured per second [2]")
+    live.add_argument("--frames", type=int, default=0, help="stop after K frames (0 = until Ctrl-C)")
+    live.add_argument("--click", action="store_true", help="click each answer's point (X11: xdotool)")
+    live.add_argument("--annotate", metavar="DIR", help="save each answered frame with point and pruned blocks")
+    _add_connection_arguments(live)
+    live.set_defaults(run=run_live)
+    return parser
+
+
+def _client(args: argparse.Namespace) -> GroundingClient:
+    token = None
+    if args.token_file:
+        token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        if not token:
+            raise ValueError(f"--token-file {args.token_file} is empty")
+    tls = Path(args.tls_ca) if args.tls_ca else (True if args.tls else None)
+    if args.timeout <= 0:
+        raise ValueError("--timeout must be > 0")
+    return GroundingClient(args.target, token=token, tls=tls, timeout=args.timeout)
+
+
+def _pruning(args: argparse.Namespace) -> dict:
+    return {"method": args.method, "metric": args.metric, "tau": args.tau, "prune": not args.no_prune}
+
+
+def describe(result: GroundResult) -> str:
+    """One readable line for a ground answer."""
+    w, h = result.image_size
+    where = (f"point ({result.point[0]:.1f}, {result.point[1]:.1f}) px of {w}x{h}" if result.point is not None
+             else f"no point in the answer {result.raw_answer[:80]!r}")
+    parts = [where, f"retain {100 * result.retain_ratio:.1f}% ({result.kept_blocks}/{result.total_blocks} blocks)",
+             f"changed {100 * result.changed_fraction:.1f}%",
+             "cache hit" if result.cache_hit else ("vision reused" if result.vision_cache_hit else "cache miss"),
+             f"ttft {result.ttft_ms:.1f} ms", f"session {result.session_id}"]
+    if result.random_weights:
+        parts.append(RANDOM_WEIGHTS_NOTE)
+    return " | ".join(parts)
+
+
+def run_ground(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.ground(Path(args.image), args.instruction, session_id=args.session, **_pruning(args))
+    print(json.dumps(result.to_json_dict()) if args.json else describe(result))
+    return 0
+
+
+class _FrameSource:
+    """Captures frames at a steady rate and remembers each by sequence number until its
+    answer (or a newer one) arrives. Iterated by gRPC's sending thread."""
+
+    def __init__(self, capture: ScreenCapture, fps: float, count: int):
+        if not fps > 0:
+            raise ValueError("--fps must be > 0")
+        if count < 0:
+            raise ValueError("--frames must be >= 0")
+        self.capture, self.interval, self.count = capture, 1.0 / fps, count
+        self.sent = 0
+        self._pending: dict[int, CapturedFrame] = {}
+        self._lock = threading.Lock()
+
+    def __iter__(self):
+        start = time.monotonic()
+        while self.count == 0 or self.sent < self.count:
+            delay = start + self.sent * self.interval - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            frame = self.capture.grab()
+            with self._lock:
+                self.sent += 1
+                self._pending[self.sent] = frame
+            yield frame.pixels
+
+    def take(self, sequence: int) -> CapturedFrame:
+        """The frame answered by `sequence`; older, skipped frames are forgotten."""
+        with self._lock:
+            frame = self._pending.pop(sequence)
+            for old in [s for s in self._pending if s < sequence]:
+                del self._pending[old]
+        return frame
+
+
+def run_live(args: argparse.Namespace) -> int:
+    source_capture = ScreenCapture(args.monitor)  # fails first when there is no display
+    answers = skipped = 0
+    warned: set[str] = set()
+    with source_capture, _client(args) as client:
+        source = _FrameSource(source_capture, args.fps, args.frames)
+        annotate = Path(args.annotate) if args.annotate else None
+        if annotate is not None:
+            annotate.mkdir(parents=True, exist_ok=True)
+        for result in client.stream(source, args.instruction, session_id=args.session, **_pruning(args)):
+            frame = source.take(result.sequence)
+            answers, skipped = answers + 1, skipped + result.skipped_frames
+            report = _answer(result, frame, args, annotate, warned)
+            print(json.dumps(report) if args.json else _live_line(result, report), flush=True)
+    print(f"pixelprune-agent live: frames sent {source.sent}, answers {answers}, skipped {skipped}",
+          file=sys.stderr)
+    return 0
+
+
+def _answer(result: GroundResult, frame: CapturedFrame, args, annotate: Path | None, warned: set) -> dict:
+    """Map, click and annotate one answer; the JSON report of it."""
+    if result.random_weights and "random" not in warned:
+        warned.add("random")
+        print(f"pixelprune-agent live: note: {RANDOM_WEIGHTS_NOTE}", file=sys.stderr)
+    m = frame.monitor
+    frame_size = (frame.pixels.shape[1], frame.pixels.shape[0])
+    report = result.to_json_dict()
+    report.update(monitor={"index": m.index, "left": m.left, "top": m.top, "width": m.width, "height": m.height},
+                  frame_size={"width": frame_size[0], "height": frame_size[1]},
+                  global_point=None, click=None, clicked=False, annotation=None)
+    if result.point is not None:
+        gx, gy = frame_to_global(result.point[0], result.point[1], m, frame_size)
+        cx, cy = click_target(result.point[0], result.point[1], m, frame_size)
+        report.update(global_point={"x": gx, "y": gy}, click={"x": cx, "y": cy})
+        if args.click:
+            click(cx, cy)
+            report["clicked"] = True
+    if annotate is not None:
+        image, drawn_kept = annotate_frame(frame.pixels, result, _pruning(args))
+        if drawn_kept != result.kept_blocks and not result.cache_hit and "keep" not in warned:
+            warned.add("keep")
+            print(f"pixelprune-agent live: note: the drawn blocks ({drawn_kept} kept) use this client's pruning "
+                  f"settings; the server kept {result.kept_blocks} (pass --method/--metric/--tau to match)",
+                  file=sys.stderr)
+        path = annotate / f"frame-{result.sequence:06d}.png"
+        image.save(path, compress_level=1)
+        report["annotation"] = str(path)
+    return report
+
+
+def annotate_frame(pixels: np.ndarray, result: GroundResult, pruning: dict) -> tuple[Image.Image, int]:
+    """The frame as the model saw it (resized to the answer's model size), pruned blocks
+    dimmed and the block grid drawn (pixelprune.show.render_keep), with the answer's point
+    marked by a circle and crosshair. The keep mask is recomputed here with the same
+    selector (the service returns only counts); returns the image and its kept count."""
+    from pixelprune.geometry import BLOCK_SIZE, resize_to, smart_resize
+    from pixelprune.selectors import select_blocks
+    from pixelprune.show import render_keep
+
+    height, width = pixels.shape[:2]
+    model_w, model_h = result.model_size
+    if model_w <= 0 or model_h <= 0:
+        model_h, model_w = smart_resize(height, width)
+    resized = resize_to(pixels, model_h, model_w)
+    if pruning["prune"]:
+        keep = select_blocks(resized, method=pruning["method"] or "pred2d", metric=pruning["metric"] or "max",
+                             tau=0.0 if pruning["tau"] is None else pruning["tau"])
+    else:
+        keep = np.ones((model_h // BLOCK_SIZE, model_w // BLOCK_SIZE), dtype=bool)
+    image = render_keep(resized, keep, caption=f"frame {result.sequence}")
+    if result.point is not None:
+        x, y = result.point[0] * model_w / width, result.point[1] * model_h / height
+        draw = ImageDraw.Draw(image)
+        for color, thick in (((255, 255, 255), 5), ((230, 30, 40), 2)):  # white halo under red
+            draw.ellipse((x - POINT_RADIUS, y - POINT_RADIUS, x + POINT_RADIUS, y + POINT_RADIUS),
+                         outline=color, width=thick)
+            draw.line((x - 2 * POINT_RADIUS, y, x + 2 * POINT_RADIUS, y), fill=color, width=thick)
+            draw.line((x, y - 2 * POINT_RADIUS, x, y + 2 * POINT_RADIUS), fill=color, width=thick)
+    return image, int(keep.sum())
+
+
+def _live_line(result: GroundResult, report: dict) -> str:
+    if result.point is None:
+        where = "no point"
+    else:
+        g, c = report["global_point"], report["click"]
+        where = (f"point ({result.point[0]:.1f}, {result.point[1]:.1f}) px -> global ({g['x']:.1f}, {g['y']:.1f})"
+                 f" click ({c['x']}, {c['y']}){' clicked' if report['clicked'] else ''}")
+    return (f"frame {result.sequence}: {where} | retain {100 * result.retain_ratio:.1f}% | "
+            f"{'cache hit' if result.cache_hit else 'cache miss'} | ttft {result.ttft_ms:.1f} ms | "
+            f"skipped {result.skipped_frames}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return int(args.run(args) or 0)
+    except (GroundingError, DisplayError, ClickError, ValueError, OSError) as exc:
+        print(f"pixelprune-agent {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

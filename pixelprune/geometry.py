@@ -1,0 +1,222 @@
+"""Qwen3-VL image geometry: resize, blocks, patch rows and coordinates.
+
+Everything here reproduces what transformers' `Qwen2VLImageProcessorPil`
+(configured as Qwen3-VL: patch 16, merge 2, temporal patch 2, mean = std = 0.5,
+pixels clamped to [256*256, 4096*4096]) does to an image, but without importing
+transformers, and split so that pruning can run on the resized uint8 pixels and
+only the kept blocks are normalised and patchified.
+
+Vocabulary: *patch* = 16x16 ViT patch; *block* = 2x2 patches = 32x32 px = one
+visual (LLM) token.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+PATCH_SIZE = 16  # ViT patch edge, px
+MERGE_SIZE = 2  # patches merged per side into one LLM token
+BLOCK_SIZE = PATCH_SIZE * MERGE_SIZE  # 32 px: one block = one visual token
+TEMPORAL_PATCH_SIZE = 2  # a still image is fed as two identical frames
+MIN_PIXELS = 65536  # 256*256: Qwen3-VL preprocessor_config "shortest_edge"
+MAX_PIXELS = 16777216  # 4096*4096: Qwen3-VL preprocessor_config "longest_edge"
+MAX_ASPECT_RATIO = 200  # smart_resize rejects images more elongated than 200:1
+IMAGE_MEAN = (0.5, 0.5, 0.5)
+IMAGE_STD = (0.5, 0.5, 0.5)
+ROW_SIZE = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE  # 1536 floats per pixel_values row
+
+
+def smart_resize(height: int, width: int, factor: int = BLOCK_SIZE,
+                 min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """Target (height, width) of Qwen-VL's `smart_resize`: multiples of `factor`,
+    total pixels within [min_pixels, max_pixels], aspect ratio kept as well as
+    possible. Rounding is Python's `round` (half to even), as upstream."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height} (WxH)")
+    if factor <= 0 or min_pixels <= 0 or max_pixels < min_pixels:
+        raise ValueError(f"bad resize limits: factor={factor}, min_pixels={min_pixels}, max_pixels={max_pixels}")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.1f} exceeds "
+                         f"{MAX_ASPECT_RATIO}:1 ({width}x{height} WxH)")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _to_rgb_array(image) -> np.ndarray:
+    """uint8 (H, W, 3) from a PIL image (alpha composited on white, like the
+    processor's convert_to_rgb) or from a uint8 (H, W, 3) array."""
+    if isinstance(image, Image.Image):
+        has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+        if has_alpha:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(white, rgba)
+        return np.asarray(image.convert("RGB"))
+    return check_pixels(image)
+
+
+def check_pixels(pixels) -> np.ndarray:
+    """Validate a uint8 (H, W, 3) numpy image; returns it unchanged."""
+    if not isinstance(pixels, np.ndarray):
+        raise ValueError(f"expected a numpy uint8 (H, W, 3) array, got {type(pixels).__name__}")
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"expected dtype uint8, got {pixels.dtype}")
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"expected shape (H, W, 3), got {pixels.shape}")
+    if pixels.shape[0] == 0 or pixels.shape[1] == 0:
+        raise ValueError(f"image is empty: shape {pixels.shape}")
+    return pixels
+
+
+def check_block_pixels(pixels) -> np.ndarray:
+    """Validate a uint8 (H, W, 3) image whose sides are multiples of BLOCK_SIZE."""
+    check_pixels(pixels)
+    height, width = pixels.shape[:2]
+    if height % BLOCK_SIZE or width % BLOCK_SIZE:
+        raise ValueError(f"image sides must be multiples of {BLOCK_SIZE} px, got {width}x{height} (WxH); "
+                         "resize with smart_resize/resize_to first")
+    return pixels
+
+
+def resize_to(image, height: int, width: int) -> np.ndarray:
+    """Resize to (height, width) exactly as `Qwen2VLImageProcessorPil` does: PIL
+    bicubic on the uint8 RGB image (no reducing_gap). Returns uint8 (height, width, 3);
+    the input array itself (no copy) when it already has that size."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"target size must be positive, got {width}x{height} (WxH)")
+    pixels = _to_rgb_array(image)
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    resized = Image.fromarray(np.ascontiguousarray(pixels)).resize(
+        (width, height), resample=Image.Resampling.BICUBIC)
+    return np.asarray(resized)
+
+
+def block_view(pixels: np.ndarray) -> np.ndarray:
+    """Zero-copy (H/32, W/32, 32, 32, 3) view of a (H, W, 3) image: [r, c] is block (r, c)."""
+    check_block_pixels(pixels)
+    height, width = pixels.shape[:2]
+    s0, s1, s2 = pixels.strides
+    return np.lib.stride_tricks.as_strided(
+        pixels, shape=(height // BLOCK_SIZE, width // BLOCK_SIZE, BLOCK_SIZE, BLOCK_SIZE, 3),
+        strides=(s0 * BLOCK_SIZE, s1 * BLOCK_SIZE, s0, s1, s2), writeable=False)
+
+
+def image_grid_thw(height: int, width: int) -> tuple[int, int, int]:
+    """(t, h, w) patch grid of a resized still image, as the processor reports it."""
+    if height <= 0 or width <= 0 or height % BLOCK_SIZE or width % BLOCK_SIZE:
+        raise ValueError(f"resized sides must be positive multiples of {BLOCK_SIZE}, got {width}x{height} (WxH)")
+    return (1, height // PATCH_SIZE, width // PATCH_SIZE)
+
+
+@lru_cache(maxsize=8)
+def _lookup_table(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, bool]:
+    """(3, 256) float32 table: value v of channel c -> the processor's normalised
+    float, plus whether plain float32 arithmetic reproduces it bit for bit.
+
+    The processor rescales as float64 `v * (1/255)` cast to float32, then
+    normalises in float32 `(x - mean) / std`; the table repeats those exact steps.
+    `_normalise` computes `v / 255` directly in float32 (faster than a gather);
+    since it is elementwise IEEE arithmetic, equality on all 256 inputs here
+    proves equality on any image, otherwise the table is used."""
+    scaled = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    mean32 = np.asarray(mean, dtype=np.float32)[:, None]
+    std32 = np.asarray(std, dtype=np.float32)[:, None]
+    table = (scaled[None, :] - mean32) / std32
+    table.setflags(write=False)
+    values = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 256))
+    return table, bool(np.array_equal(_arithmetic(values, mean, std), table))
+
+
+def _arithmetic(values: np.ndarray, mean, std) -> np.ndarray:
+    """float32 `(v / 255 - mean) / std` with the channel on axis -2."""
+    out = values.astype(np.float32)
+    out /= np.float32(255)
+    out -= np.asarray(mean, dtype=np.float32)[:, None]
+    out /= np.asarray(std, dtype=np.float32)[:, None]
+    return out
+
+
+def _normalise(values: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """uint8 (..., 3, N) -> float32 (..., 3, N), bit-identical to the processor."""
+    table, arithmetic_ok = _lookup_table(mean, std)
+    if arithmetic_ok:
+        return _arithmetic(values, mean, std)
+    return table[np.arange(3)[:, None], values]
+
+
+def _check_keep(keep, grid_shape: tuple[int, int]) -> np.ndarray:
+    keep = np.asarray(keep)
+    if keep.dtype != np.bool_ or keep.shape != grid_shape:
+        raise ValueError(f"keep must be a bool array of shape {grid_shape}, got {keep.dtype} {keep.shape}")
+    return keep
+
+
+def kept_pixel_values(pixels: np.ndarray, keep=None, mean=IMAGE_MEAN, std=IMAGE_STD) -> np.ndarray:
+    """The processor's `pixel_values` rows of the kept blocks only: float32
+    (4*K, 1536), block-major in raster order of the kept blocks, 4 rows per block
+    (sub-patches (0,0), (0,1), (1,0), (1,1)), each row (C=3, T=2, 16, 16) with the
+    temporal copy duplicated. `keep=None` keeps every block (= the full rows).
+
+    Only kept blocks are touched: their uint8 pixels are gathered and rearranged,
+    then normalised with float32 arithmetic that `_lookup_table` has checked
+    against the processor's computation for all 256 values (or through that
+    table), so the values are bit-identical to the processor's."""
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError("mean and std must have 3 values (R, G, B)")
+    blocks = block_view(pixels)
+    if keep is None:
+        kept = blocks.reshape(-1, BLOCK_SIZE, BLOCK_SIZE, 3)
+    else:
+        kept = blocks[_check_keep(keep, blocks.shape[:2])]
+    count = kept.shape[0]
+    # (K, r, ph, c, pw, C) -> (K, r, c, C, ph, pw): uint8, cheap to rearrange.
+    patches = kept.reshape(count, MERGE_SIZE, PATCH_SIZE, MERGE_SIZE, PATCH_SIZE, 3)
+    patches = np.ascontiguousarray(patches.transpose(0, 1, 3, 5, 2, 4))
+    normalised = _normalise(patches.reshape(count, MERGE_SIZE, MERGE_SIZE, 3, PATCH_SIZE * PATCH_SIZE),
+                            mean, std)
+    out = np.repeat(normalised[:, :, :, :, None], TEMPORAL_PATCH_SIZE, axis=4)
+    return out.reshape(count * MERGE_SIZE * MERGE_SIZE, ROW_SIZE)
+
+
+def kept_patch_rows(keep) -> np.ndarray:
+    """int64 indices of the kept blocks' rows in the full `pixel_values`
+    (block k of the raster order owns rows 4k .. 4k+3)."""
+    keep = np.asarray(keep)
+    if keep.dtype != np.bool_ or keep.ndim != 2:
+        raise ValueError(f"keep must be a 2-D bool array, got {keep.dtype} with shape {keep.shape}")
+    blocks = np.flatnonzero(keep).astype(np.int64)
+    per_block = MERGE_SIZE * MERGE_SIZE
+    return (blocks[:, None] * per_block + np.arange(per_block, dtype=np.int64)).reshape(-1)
+
+
+def _scale(x: float, y: float, src_size, dst_size) -> tuple[float, float]:
+    (src_w, src_h), (dst_w, dst_h) = src_size, dst_size
+    if min(src_w, src_h, dst_w, dst_h) <= 0:
+        raise ValueError(f"sizes must be positive, got {tuple(src_size)} and {tuple(dst_size)}")
+    return float(x) * dst_w / src_w, float(y) * dst_h / src_h
+
+
+def to_original(x: float, y: float, original_size, resized_size) -> tuple[float, float]:
+    """Map a point (continuous pixel coordinates, origin at the top-left corner)
+    on the resized image back to the original screenshot. Sizes are (W, H)."""
+    return _scale(x, y, resized_size, original_size)
+
+
+def to_resized(x: float, y: float, original_size, resized_size) -> tuple[float, float]:
+    """Map a point on the original screenshot onto the resized image. Sizes are (W, H)."""
+    return _scale(x, y, original_size, resized_size)

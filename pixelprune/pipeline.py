@@ -1,0 +1,214 @@
+"""From screenshots (PIL images or uint8 arrays) straight to pruned Qwen3-VL inputs.
+
+This replaces the processor's full-image path (`processor(images=..., text=...)`),
+which normalises and patchifies every pixel, with one that prunes first:
+
+    smart_resize -> resize_to (uint8) -> select_blocks on the uint8 pixels ->
+    kept_pixel_values (only kept blocks are normalised and patchified) ->
+    image_grid_thw of the FULL resized grid
+
+and builds the text side with the processor's own tokenizer and chat template:
+each image's `<|image_pad|>` is expanded to t*h*w/4 tokens of the full grid, because
+the adapter (`PrunedQwen3VL`) needs the full sequence to compute MRoPE positions.
+With nothing pruned, the result equals the processor's output exactly (tested).
+
+Resize limits, patch size, mean and std are read from the processor's image
+processor config, never guessed. One prompt (batch 1), any number of images.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.image_transforms import convert_to_rgb
+
+from pixelprune.geometry import (
+    BLOCK_SIZE, MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE, check_pixels, image_grid_thw,
+    kept_pixel_values, resize_to, smart_resize,
+)
+from pixelprune.selectors import METHODS, METRICS, select_blocks
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    enabled: bool = True  # False: keep every block (the stock model's input)
+    method: str = "pred2d"  # predictor: one of pixelprune.selectors.METHODS
+    metric: str = "max"  # block error metric: one of pixelprune.selectors.METRICS
+    tau: float = 0.0  # error tolerance in uint8 levels; 0 = lossless (exact prediction only)
+
+    def validate(self) -> "PruneSettings":
+        """Raise ValueError for an unknown method/metric or a negative/non-finite tau; returns self."""
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"enabled must be a bool, got {self.enabled!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown pruning method {self.method!r}; expected one of {METHODS}")
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown pruning metric {self.metric!r}; expected one of {METRICS}")
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) \
+                or not math.isfinite(self.tau) or self.tau < 0:
+            raise ValueError(f"tau must be a finite number >= 0, got {self.tau!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    min_pixels: int  # smart_resize lower bound on resized pixels (config size["shortest_edge"])
+    max_pixels: int  # smart_resize upper bound on resized pixels (config size["longest_edge"])
+    image_mean: tuple[float, float, float]  # per-channel mean after rescaling to 0..1
+    image_std: tuple[float, float, float]  # per-channel std after rescaling to 0..1
+
+
+def vision_spec(processor) -> VisionSpec:
+    """Read Qwen3-VL's image settings from a processor (or its image processor) and check that
+    they are the geometry this pipeline implements (16 px patches, 2x2 merge, 1/255 rescale)."""
+    ip = getattr(processor, "image_processor", processor)
+    expected = {"patch_size": PATCH_SIZE, "merge_size": MERGE_SIZE, "temporal_patch_size": TEMPORAL_PATCH_SIZE}
+    for name, want in expected.items():
+        if getattr(ip, name, None) != want:
+            raise ValueError(f"image processor {name}={getattr(ip, name, None)!r}; this pipeline needs {want}")
+    if not (ip.do_resize and ip.do_rescale and ip.do_normalize) or not math.isclose(ip.rescale_factor, 1 / 255):
+        raise ValueError("image processor must resize, rescale by 1/255 and normalise (Qwen3-VL's settings)")
+    mean, std = tuple(float(v) for v in ip.image_mean), tuple(float(v) for v in ip.image_std)
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"image_mean/image_std must have 3 values, got {mean} / {std}")
+    return VisionSpec(min_pixels=int(ip.size["shortest_edge"]), max_pixels=int(ip.size["longest_edge"]),
+                      image_mean=mean, image_std=std)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    original_size: tuple[int, int]  # (W, H) of the screenshot as given
+    resized_size: tuple[int, int]  # (w, h) after smart_resize; multiples of 32
+    pixels: np.ndarray  # uint8 (h, w, 3): the resized image the selector saw
+    keep: np.ndarray  # bool (h/32, w/32): True = block kept (one visual token)
+    kept_blocks: int  # number of True in keep
+    total_blocks: int  # (h/32) * (w/32)
+    pixel_values: torch.Tensor  # (4*kept_blocks, 1536): processor rows of the kept blocks only
+    image_grid_thw: tuple[int, int, int]  # (1, h/16, w/16): the FULL patch grid
+    timings: dict  # seconds: "resize", "select", "patchify"
+
+    @property
+    def retain_ratio(self) -> float:
+        """Kept fraction of the visual tokens."""
+        return self.kept_blocks / self.total_blocks
+
+
+def _rgb_pixels(image) -> np.ndarray:
+    """uint8 (H, W, 3) from a PIL image (converted like the processor: alpha on white) or array."""
+    if isinstance(image, Image.Image):
+        return convert_to_rgb(image, return_numpy=True)
+    if isinstance(image, np.ndarray):
+        return check_pixels(image)
+    raise ValueError(f"expected a PIL image or a uint8 (H, W, 3) array, got {type(image).__name__}")
+
+
+def prepare_image(image, settings: PruneSettings, spec: VisionSpec, device="cpu",
+                  dtype: torch.dtype = torch.float32) -> PreparedImage:
+    """Resize, select and patchify one image; only kept blocks are normalised."""
+    settings.validate()
+    t0 = time.perf_counter()
+    original = _rgb_pixels(image)
+    height, width = original.shape[:2]
+    new_h, new_w = smart_resize(height, width, factor=BLOCK_SIZE,
+                                min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+    pixels = resize_to(original, new_h, new_w)
+    t1 = time.perf_counter()
+    grid = (new_h // BLOCK_SIZE, new_w // BLOCK_SIZE)
+    if settings.enabled:
+        keep = select_blocks(pixels, method=settings.method, metric=settings.metric, tau=settings.tau)
+    else:
+        keep = np.ones(grid, dtype=bool)
+    kept = int(np.count_nonzero(keep))
+    t2 = time.perf_counter()
+    rows = kept_pixel_values(pixels, None if kept == keep.size else keep,
+                             mean=spec.image_mean, std=spec.image_std)
+    pixel_values = torch.from_numpy(rows).to(device=device, dtype=dtype)
+    t3 = time.perf_counter()
+    return PreparedImage(
+        original_size=(width, height), resized_size=(new_w, new_h), pixels=pixels, keep=keep,
+        kept_blocks=kept, total_blocks=int(keep.size), pixel_values=pixel_values,
+        image_grid_thw=image_grid_thw(new_h, new_w),
+        timings={"resize": t1 - t0, "select": t2 - t1, "patchify": t3 - t2})
+
+
+def image_token_id(processor) -> int:
+    """The id of `<|image_pad|>` in this processor's tokenizer."""
+    token_id = getattr(processor, "image_token_id", None)
+    if token_id is None:
+        token_id = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<|image_pad|>"))
+    return int(token_id)
+
+
+def tokenize(processor, messages: list[dict], grids, device="cpu") -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask, mm_token_type_ids (1, L) for a chat with one image item per grid.
+
+    The chat template gives one `<|image_pad|>` per image; each is expanded in token space to
+    t*h*w/4 pad tokens of that image's full grid (special tokens are atomic, so this equals the
+    processor's string expansion followed by tokenisation)."""
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = np.asarray(processor.tokenizer(text, return_token_type_ids=False)["input_ids"], dtype=np.int64)
+    pad = image_token_id(processor)
+    at_pad = ids == pad
+    if int(at_pad.sum()) != len(grids):
+        raise ValueError(f"the chat has {int(at_pad.sum())} image placeholders but {len(grids)} images were given")
+    counts = np.ones(ids.shape, dtype=np.int64)
+    counts[at_pad] = [t * h * w // (MERGE_SIZE * MERGE_SIZE) for t, h, w in grids]
+    full = np.repeat(ids, counts)
+    type_ids = np.zeros_like(full)
+    type_ids[full == pad] = 1
+    video = getattr(processor, "video_token_id", None)
+    if video is not None:
+        type_ids[full == int(video)] = 2
+    as_tensor = lambda a: torch.from_numpy(a).unsqueeze(0).to(device)  # noqa: E731
+    return {"input_ids": as_tensor(full), "attention_mask": as_tensor(np.ones_like(full)),
+            "mm_token_type_ids": as_tensor(type_ids)}
+
+
+def user_message(text: str, num_images: int = 1) -> list[dict]:
+    """A one-turn chat: `num_images` image items, then the text (Qwen3-VL's grounding layout)."""
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
+    return [{"role": "user", "content": content}]
+
+
+@dataclass(frozen=True)
+class ImageReport:
+    original_size: tuple[int, int]  # (W, H) as given
+    resized_size: tuple[int, int]  # (w, h) after smart_resize
+    kept: int  # kept blocks = visual tokens the model sees
+    total: int  # blocks of the full resized grid
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    inputs: dict  # str -> torch.Tensor: input_ids, attention_mask, mm_token_type_ids (FULL sequence),
+    #               pixel_values (kept rows only), image_grid_thw (full grids); for PrunedQwen3VL
+    keep: tuple  # one bool (h/32, w/32) keep mask per image, to pass as keep=list(keep)
+    images: tuple  # one ImageReport per image
+    timings: dict  # seconds summed over images: "resize", "select", "patchify", "tokenize"
+
+
+def build_inputs(processor, images, messages: list[dict], settings: PruneSettings | None = None,
+                 device="cpu", dtype: torch.dtype = torch.float32) -> ModelInputs:
+    """Model inputs for one chat whose image items are `images` (in order), pruned per `settings`
+    (None = PruneSettings() defaults). pixel_values go to `dtype`, everything to `device`."""
+    settings = PruneSettings() if settings is None else settings
+    images = list(images)
+    if not images:
+        raise ValueError("build_inputs needs at least one image")
+    spec = vision_spec(processor)
+    prepared = [prepare_image(image, settings, spec, device=device, dtype=dtype) for image in images]
+    t0 = time.perf_counter()
+    text_inputs = tokenize(processor, messages, [p.image_grid_thw for p in prepared], device=device)
+    tokenize_seconds = time.perf_counter() - t0
+    inputs = dict(text_inputs)
+    inputs["pixel_values"] = torch.cat([p.pixel_values for p in prepared])
+    inputs["image_grid_thw"] = torch.tensor([p.image_grid_thw for p in prepared], dtype=torch.int64, device=device)
+    timings = {stage: sum(p.timings[stage] for p in prepared) for stage in ("resize", "select", "patchify")}
+    timings["tokenize"] = tokenize_seconds
+    reports = tuple(ImageReport(p.original_size, p.resized_size, p.kept_blocks, p.total_blocks) for p in prepared)
+    return ModelInputs(inputs=inputs, keep=tuple(p.keep for p in prepared), images=reports, timings=timings)

@@ -1,0 +1,394 @@
+"""Run one loaded Qwen3-VL model on the kept blocks only, with full-image positions.
+
+`PrunedQwen3VL(model)` wraps a `Qwen3VLForConditionalGeneration` (transformers 5.23,
+`models/qwen3_vl/modeling_qwen3_vl.py`) without changing any class: it only uses the
+public hooks of that version (QWEN3VL.md section 7):
+
+* the ViT (`Qwen3VLVisionModel.forward`, L665-718) pops precomputed `position_ids`,
+  `interp_indices`/`interp_weights`, `cu_seqlens` and `max_seqlen` from its kwargs
+  (`transformers/vision_utils.py`); we pass the full grid's rows gathered at the kept
+  patches, and one attention segment of kept patches per image;
+* `Qwen3VLModel.forward` (L1131-1238) takes `mm_encoder_outputs={"image": ...}` instead of
+  pixel values, and skips its own position computation when `position_ids` is given;
+* `Qwen3VLTextModel.forward` (L781-791) reads 4-row `position_ids` as [text; t; h; w].
+  MRoPE rows come from `get_rope_index` (L913) on the full sequence, kept columns only.
+
+When nothing is pruned the wrapper calls the stock model with the stock inputs, so
+its outputs are the unmodified model's, bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+from transformers.utils.generic import get_max_seqlen
+from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
+
+
+@dataclass(frozen=True)
+class VisionFeatures:
+    """ViT output for the kept blocks of each image; pass it back as `vision=` to skip the ViT."""
+
+    embeds: tuple[torch.Tensor, ...]  # per image: (kept_blocks_i, text hidden) merger output, one row per LLM token
+    deepstack: tuple[tuple[torch.Tensor, ...], ...]  # per DeepStack level, per image: (kept_blocks_i, text hidden)
+    kept_blocks: tuple[int, ...]  # per image: number of kept 32x32 blocks (= visual tokens)
+    keep: tuple[np.ndarray, ...]  # per image: read-only bool (grid_h/2, grid_w/2) keep mask, raster order
+    image_grid_thw: tuple[tuple[int, int, int], ...]  # per image: full (t, h, w) patch grid of the resized image
+
+    @property
+    def total_blocks(self) -> tuple[int, ...]:
+        """Blocks per image before pruning."""
+        return tuple(int(k.size) for k in self.keep)
+
+    def encoder_output(self) -> BaseModelOutputWithDeepstackFeatures:
+        """The `mm_encoder_outputs["image"]` value `Qwen3VLModel.forward` expects (split per image)."""
+        return BaseModelOutputWithDeepstackFeatures(
+            pooler_output=self.embeds, deepstack_features=[list(level) for level in self.deepstack])
+
+
+@dataclass(frozen=True)
+class PrunedInputs:
+    """What `PrunedQwen3VL.prepare` hands to `model(...)` / `model.generate(...)`."""
+
+    model_kwargs: dict  # input_ids, attention_mask, mm_token_type_ids, position_ids, mm_encoder_outputs (or stock inputs)
+    vision: VisionFeatures | None  # the ViT features used; None on the stock path
+    pruned: bool  # False: model_kwargs are the caller's inputs unchanged (nothing pruned)
+    rope_deltas: torch.Tensor | None  # (batch, 1): max MRoPE position + 1 - pruned length, for cached decoding
+
+
+class PrunedQwen3VL:
+    """Pixel-pruned inference for one loaded Qwen3VLForConditionalGeneration instance.
+
+    `config` is a `pixelprune.engine.PruneSettings` (enabled, method, metric, tau) used when
+    no `keep` masks are given; None means the default settings. The model is not modified:
+    two wrappers with different settings may share a process (or even a model).
+    """
+
+    def __init__(self, model: Any, config: Any = None):
+        if not hasattr(model, "model") or not hasattr(model.model, "visual") or not hasattr(model.model, "get_rope_index"):
+            raise ValueError(f"expected a loaded Qwen3VLForConditionalGeneration, got {type(model).__name__}")
+        if config is None:
+            from pixelprune.engine import PruneSettings
+
+            config = PruneSettings()
+        if hasattr(config, "validate"):
+            config.validate()
+        self.model = model
+        self.config = config
+
+    # ------------------------------------------------------------------ selection
+    def select(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[np.ndarray]:
+        """Keep masks (grid_h/2, grid_w/2) per image from the configured selector.
+
+        The selector works on exact uint8 pixels: the processor rows (mean = std = 0.5)
+        are inverted with round((x*0.5 + 0.5)*255) and rearranged to (H, W, 3).
+        Pruning disabled -> all-True masks (the stock path)."""
+        grids = _grid_list(image_grid_thw)
+        if not getattr(self.config, "enabled", True):
+            return [np.ones((h // 2, w // 2), dtype=bool) for _, h, w in grids]
+        from pixelprune.selectors import select_blocks
+
+        images = rows_to_uint8_images(pixel_values, grids)
+        return [select_blocks(img, method=self.config.method, metric=self.config.metric, tau=self.config.tau)
+                for img in images]
+
+    # ------------------------------------------------------------------ vision
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+                      keep: list[np.ndarray] | np.ndarray) -> VisionFeatures:
+        """Run the ViT on the kept patches only, with the full grid's positions.
+
+        Follows `Qwen3VLModel.get_image_features` (5.23 L1018-1037) with these changes:
+        `visual` gets only the kept patch rows; `position_ids` (2D RoPE) and
+        `interp_indices`/`interp_weights` (absolute position embedding) are the full
+        grid's rows gathered at the kept patches; `cu_seqlens` has one segment of kept
+        patches per image (and `max_seqlen` for flash-attention); the output is split
+        by kept blocks, not by `grid.prod()//4`. `pixel_values` may hold all rows of the
+        processor output or only the kept blocks' rows (4 per block)."""
+        grids = _grid_list(image_grid_thw)
+        masks = _validate_keep(keep, grids)
+        kept = [int(m.sum()) for m in masks]
+        rows = _kept_patch_rows(masks, grids)
+        n_full, n_kept = sum(t * h * w for t, h, w in grids), 4 * sum(kept)
+        if pixel_values.ndim != 2:
+            raise ValueError(f"pixel_values must be 2-D (rows, features), got shape {tuple(pixel_values.shape)}")
+        if pixel_values.shape[0] == n_full:
+            pixel_values = pixel_values[rows.to(pixel_values.device)]
+        elif pixel_values.shape[0] != n_kept:
+            raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows; expected {n_full} (all patches) "
+                             f"or {n_kept} (4 per kept block)")
+        visual = self.model.model.visual
+        grid_cpu = torch.tensor(grids, dtype=torch.long)
+        interp_idx, interp_w = get_vision_interpolation_indices_and_weights(
+            grid_cpu, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+            align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.spatial_merge_size)
+        position_ids = get_vision_position_ids(grid_cpu, visual.spatial_merge_size)
+        cu_seqlens = F.pad(torch.tensor([4 * k for k in kept]).cumsum(0, dtype=torch.int32), (1, 0))
+        device = visual.device
+        extra = {}
+        if (max_seqlen := get_max_seqlen(cu_seqlens, visual.config)) is not None:
+            extra["max_seqlen"] = max_seqlen
+        out = visual(pixel_values.to(device).type(visual.dtype), grid_thw=grid_cpu.to(device), return_dict=True,
+                     position_ids=position_ids[rows].to(device), interp_indices=interp_idx[rows].to(device),
+                     interp_weights=interp_w[rows].to(device), cu_seqlens=cu_seqlens.to(device), **extra)
+        return VisionFeatures(
+            embeds=tuple(torch.split(out.pooler_output, kept)),
+            deepstack=tuple(tuple(torch.split(f, kept)) for f in out.deepstack_features),
+            kept_blocks=tuple(kept), keep=tuple(masks), image_grid_thw=tuple(grids))
+
+    # ------------------------------------------------------------------ language model
+    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                mm_token_type_ids: torch.Tensor | None = None, *, keep=None,
+                vision: VisionFeatures | None = None) -> PrunedInputs:
+        """Model kwargs for one pruned prefill (used by __call__ and generate).
+
+        Nothing pruned (or no image) -> the stock inputs unchanged (`pruned=False`).
+        Otherwise: pruned `input_ids`/`attention_mask`/`mm_token_type_ids`, 4-row
+        `position_ids` [text; t; h; w] (MRoPE of the full sequence at the kept columns,
+        text row = mask cumsum) and `mm_encoder_outputs` from `vision` or the ViT."""
+        stock = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+                 "image_grid_thw": image_grid_thw, "mm_token_type_ids": mm_token_type_ids}
+        stock = {k: v for k, v in stock.items() if v is not None}
+        if vision is not None:
+            if image_grid_thw is not None and _grid_list(image_grid_thw) != list(vision.image_grid_thw):
+                raise ValueError("image_grid_thw does not match the grids of the given vision features")
+            if keep is not None and not _same_masks(_validate_keep(keep, list(vision.image_grid_thw)), vision.keep):
+                raise ValueError("keep masks differ from the masks the vision features were encoded with")
+            grid = torch.tensor(vision.image_grid_thw, dtype=torch.long)
+        elif image_grid_thw is None:
+            if pixel_values is not None:
+                raise ValueError("pixel_values given without image_grid_thw")
+            return PrunedInputs(model_kwargs=stock, vision=None, pruned=False, rope_deltas=None)
+        else:
+            grid = image_grid_thw
+            if pixel_values is None:
+                raise ValueError("pixel_values (or vision=) is required when image_grid_thw is given")
+            masks = self.select(pixel_values, grid) if keep is None else _validate_keep(keep, _grid_list(grid))
+            if all(m.all() for m in masks) and pixel_values.shape[0] == sum(t * h * w for t, h, w in _grid_list(grid)):
+                return PrunedInputs(model_kwargs=stock, vision=None, pruned=False, rope_deltas=None)
+            vision = self.encode_images(pixel_values, grid, masks)
+        kwargs, deltas = _prune_token_inputs(self.model, input_ids, attention_mask, mm_token_type_ids,
+                                            grid, vision.keep)
+        kwargs["mm_encoder_outputs"] = {"image": vision.encoder_output()}
+        return PrunedInputs(model_kwargs=kwargs, vision=vision, pruned=True, rope_deltas=deltas)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                 mm_token_type_ids: torch.Tensor | None = None, *, keep=None,
+                 vision: VisionFeatures | None = None, **model_kwargs):
+        """Forward pass; returns the model output with `.logits` over the PRUNED sequence.
+
+        Same as `Qwen3VLForConditionalGeneration.forward` (5.23 L1282) on the inputs built by
+        `prepare`; afterwards `model.model.rope_deltas` holds the pruned sequence's deltas
+        so a later cached decode step continues from the full image's positions."""
+        _check_kwargs(model_kwargs)
+        prepared = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
+                                keep=keep, vision=vision)
+        out = self.model(**prepared.model_kwargs, **model_kwargs)
+        if prepared.pruned:
+            self.model.model.rope_deltas = prepared.rope_deltas
+        return out
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                 mm_token_type_ids: torch.Tensor | None = None, *, keep=None,
+                 vision: VisionFeatures | None = None, **generate_kwargs):
+        """`model.generate` on the pruned prompt; returns what it returns.
+
+        Changes relative to stock 5.23 generation: explicit 4-row `position_ids` replace
+        `_prepare_position_ids_for_generation` (L1371; skipped when position_ids are given,
+        `generation/utils.py:2885`), and each decode step takes last position + 1
+        (`generation/utils.py:1264-1276`), i.e. continues from the full image's positions.
+        `mm_encoder_outputs` is dropped after prefill like pixel_values. On the pruned path
+        the returned sequences start with the pruned prompt: new tokens are
+        `sequences[:, prepared.model_kwargs["input_ids"].shape[1]:]` (see `prepare`)."""
+        _check_kwargs(generate_kwargs)
+        prepared = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
+                                keep=keep, vision=vision)
+        out = self.model.generate(**prepared.model_kwargs, **generate_kwargs)
+        if prepared.pruned:
+            self.model.model.rope_deltas = prepared.rope_deltas
+        return out
+
+
+def load_processor(name_or_path: str, **kwargs):
+    """`AutoProcessor.from_pretrained(name_or_path)`, or, where torchvision is missing (transformers
+    5.23's AutoProcessor then cannot build Qwen3VLProcessor's video processor), the same
+    Qwen3VLProcessor assembled from its tokenizer, PIL image processor and chat template, with a
+    video processor that works for images only."""
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        return AutoProcessor.from_pretrained(name_or_path, **kwargs)
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    return _ImageOnlyQwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil.from_pretrained(name_or_path, **kwargs), tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(), chat_template=tokenizer.chat_template)
+
+
+class _ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+    """Qwen3VLProcessor (5.23 `processing_qwen3_vl.py`) built without torchvision. Only change:
+    the video processor's class check is skipped, because without torchvision transformers
+    exposes `BaseVideoProcessor` as a dummy. Images and text work as in the stock class;
+    videos fail inside the video processor (they need torchvision)."""
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "video_processor":
+            return type(argument)
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
+def rows_to_uint8_images(pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[np.ndarray]:
+    """Invert the Qwen3-VL processor exactly: rows (sum t*h*w, 3*2*16*16) normalised with mean = std
+    = 0.5 -> uint8 (h*16, w*16, 3) per image (first temporal copy). ValueError if the rows are not
+    such values (another normalisation, or only the kept rows)."""
+    n_full = sum(t * h * w for t, h, w in grids)
+    if pixel_values.ndim != 2 or pixel_values.shape[0] != n_full or pixel_values.shape[1] % 6 != 0:
+        raise ValueError(f"selection needs all {n_full} processor rows, got shape {tuple(pixel_values.shape)}")
+    x = pixel_values.detach().to("cpu", torch.float32).numpy()
+    u = np.rint((x * 0.5 + 0.5) * 255.0)
+    if np.abs(x - (u / 255.0 - 0.5) / 0.5).max(initial=0.0) > 2e-3 or u.min(initial=0) < 0 or u.max(initial=0) > 255:
+        raise ValueError("pixel_values are not processor rows normalised with mean = std = 0.5")
+    patch = int(round((x.shape[1] // 6) ** 0.5))
+    images, start = [], 0
+    for t, h, w in grids:
+        if t != 1:
+            raise ValueError(f"only images (grid t == 1) are supported, got t={t}")
+        blk = u[start:start + h * w].reshape(h // 2, w // 2, 2, 2, 3, 2, patch, patch)[:, :, :, :, :, 0]
+        # (bi, bj, r, c, C, y, x) -> (bi, r, y, bj, c, x, C)
+        images.append(np.ascontiguousarray(blk.transpose(0, 2, 5, 1, 3, 6, 4)).reshape(h * patch, w * patch, 3)
+                      .astype(np.uint8))
+        start += h * w
+    return images
+
+
+def _kept_patch_rows(masks: list[np.ndarray], grids: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Indices of the kept patches' rows in the full (block-major) pixel_values of all images."""
+    rows, offset = [], 0
+    for mask, (t, h, w) in zip(masks, grids):
+        blocks = np.flatnonzero(mask.reshape(-1))
+        rows.append(offset + (4 * blocks[:, None] + np.arange(4)).reshape(-1))
+        offset += t * h * w
+    return torch.from_numpy(np.concatenate(rows).astype(np.int64))
+
+
+def _grid_list(image_grid_thw) -> list[tuple[int, int, int]]:
+    grid = torch.as_tensor(image_grid_thw)
+    if grid.ndim != 2 or grid.shape[1] != 3 or grid.shape[0] == 0:
+        raise ValueError(f"image_grid_thw must have shape (num_images, 3), got {tuple(grid.shape)}")
+    out = [tuple(int(v) for v in row) for row in grid.tolist()]
+    for t, h, w in out:
+        if t != 1 or h <= 0 or w <= 0 or h % 2 or w % 2:
+            raise ValueError(f"bad image grid (t={t}, h={h}, w={w}): need t == 1 and even h, w")
+    return out
+
+
+def _same_masks(a, b) -> bool:
+    return len(a) == len(b) and all(x.shape == y.shape and bool((x == y).all()) for x, y in zip(a, b))
+
+
+_UNSUPPORTED = ("pixel_values_videos", "video_grid_thw", "inputs_embeds", "position_ids", "mm_encoder_outputs")
+
+
+def _check_kwargs(kwargs: dict) -> None:
+    """ValueError for inputs the pruned path computes itself or does not support (videos)."""
+    if bad := sorted(set(kwargs) & set(_UNSUPPORTED)):
+        raise ValueError(f"unsupported inputs for PrunedQwen3VL: {bad} (videos are not supported; positions, "
+                         "embeddings and encoder outputs are computed here)")
+
+
+def _validate_keep(keep, grids: list[tuple[int, int, int]]) -> list[np.ndarray]:
+    """Read-only bool keep masks, one (h/2, w/2) per image; ValueError on anything else."""
+    if isinstance(keep, (np.ndarray, torch.Tensor)) and keep.ndim == 2:
+        keep = [keep]
+    if not isinstance(keep, (list, tuple)) or len(keep) != len(grids):
+        n = len(keep) if isinstance(keep, (list, tuple)) else type(keep).__name__
+        raise ValueError(f"keep must be a list of one bool mask per image ({len(grids)}), got {n}")
+    masks = []
+    for i, (mask, (_, h, w)) in enumerate(zip(keep, grids)):
+        mask = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        if mask.dtype != np.bool_ or mask.shape != (h // 2, w // 2):
+            raise ValueError(f"keep[{i}] must be a bool array of shape {(h // 2, w // 2)} (blocks of image {i}), "
+                             f"got {mask.dtype} {mask.shape}")
+        if not mask.any():
+            raise ValueError(f"keep[{i}] keeps no block; every image needs at least one")
+        mask = mask.copy()
+        mask.setflags(write=False)
+        masks.append(mask)
+    return masks
+
+
+def _image_runs(image_tokens: torch.Tensor) -> list[int]:
+    """Lengths of the runs of consecutive image tokens, sample by sample (get_rope_index's order)."""
+    runs = []
+    for row in image_tokens.cpu().numpy().astype(np.int8):
+        d = np.diff(np.concatenate([[0], row, [0]]))
+        runs.extend((np.flatnonzero(d == -1) - np.flatnonzero(d == 1)).tolist())
+    return runs
+
+
+def _prune_token_inputs(model, input_ids, attention_mask, mm_token_type_ids, grid, masks):
+    """Drop the pruned image tokens; returns (model kwargs, rope deltas (B, 1)).
+
+    MRoPE rows are `Qwen3VLModel.get_rope_index` (5.23 L913) of the FULL sequence, gathered at
+    the kept columns; row 0 is the text position (mask cumsum, as `_prepare_position_ids_for_generation`
+    of generation/utils.py:894). Samples are re-padded on the input's padding side (left when
+    the input has no right padding), pad columns get position 0 like get_rope_index's."""
+    cfg = model.config
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    device = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+    if bool((input_ids == cfg.video_token_id).any()):
+        raise ValueError("video tokens are not supported by the pruned path")
+    image_tokens = input_ids == cfg.image_token_id
+    if mm_token_type_ids is None:
+        mm_token_type_ids = image_tokens.long()
+    elif mm_token_type_ids.shape != input_ids.shape or not torch.equal(mm_token_type_ids == 1, image_tokens):
+        raise ValueError("mm_token_type_ids must be 1 exactly at the image tokens of input_ids")
+    valid = attention_mask.bool()
+    if bool((image_tokens & ~valid).any()):
+        raise ValueError("image tokens inside the padding (attention_mask == 0)")
+    grids = _grid_list(grid)
+    need = [t * h * w // 4 for t, h, w in grids]
+    if (runs := _image_runs(image_tokens)) != need:
+        raise ValueError(f"image token runs in input_ids {runs} do not match image_grid_thw, which needs {need}")
+    token_keep = valid.clone()
+    token_keep[image_tokens] = torch.from_numpy(np.concatenate([m.reshape(-1) for m in masks])).to(device)
+    pos3, _ = model.model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=torch.as_tensor(grid).to(device),
+                                         attention_mask=attention_mask)
+    lengths = token_keep.sum(1)
+    width = int(lengths.max())
+    cols = torch.arange(width, device=device)[None]
+    right = bool((~valid[:, -1]).any())
+    slots = cols < lengths[:, None] if right else cols >= (width - lengths)[:, None]
+    pad = model.generation_config.pad_token_id
+    pad = pad if isinstance(pad, int) and pad != cfg.image_token_id else 0
+    ids = input_ids.new_full(slots.shape, pad)
+    ids[slots] = input_ids[token_keep]
+    types = mm_token_type_ids.new_zeros(slots.shape)
+    types[slots] = mm_token_type_ids[token_keep]
+    mask = attention_mask.new_zeros(slots.shape)
+    mask[slots] = 1
+    mrope = pos3.new_zeros((3, *slots.shape))
+    mrope[:, slots] = pos3[:, token_keep]
+    text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0).to(pos3.dtype)
+    deltas = pos3.masked_fill(~token_keep[None], -1).amax(dim=(0, 2)) + 1 - lengths
+    kwargs = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": types,
+              "position_ids": torch.cat([text[None], mrope], dim=0)}
+    return kwargs, deltas[:, None]

@@ -1,0 +1,195 @@
+"""A tiny Qwen3-VL checkpoint with deterministic random weights, for tests and demos.
+
+`write_tiny_checkpoint(dir)` writes everything `AutoModelForImageTextToText` and
+`AutoProcessor` need to load offline: config, generation config, safetensors
+weights, a Qwen2 byte-level BPE tokenizer with Qwen's special tokens, the
+Qwen3-VL chat template, the image-processor config (PIL backend, Qwen3-VL's
+released values) and a README saying the weights are random.
+
+The architecture is QWEN3VL.md's tiny config (4+4 layers, hidden 128/64) except
+for the vocabulary. Qwen's real vocabulary has 151,643 BPE tokens and puts the
+special tokens at 151643..151668; an embedding of that size would be 97 % of the
+parameters (two 151936x128 matrices, ~155 MB of float32) and every forward pass
+would compute 151,936 logits per position. Here a 512-token byte-level BPE is
+trained offline on a fixed built-in text, the 26 special tokens follow it in
+Qwen's order (so `<|image_pad|>` is 512 + 12 = 524 instead of 151643 + 12), and
+`vocab_size` is 576. Code must therefore read token ids from the config
+(`config.image_token_id`, ...), never hard-code 151655.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# Qwen2/Qwen3 special tokens in their released order (151643 + index there).
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+)
+BPE_VOCAB_SIZE = 512  # ordinary byte-level BPE tokens: ids 0..511
+SPECIAL_BASE = BPE_VOCAB_SIZE  # first special token id (Qwen: 151643)
+TOKEN_IDS = {tok: SPECIAL_BASE + i for i, tok in enumerate(SPECIAL_TOKENS)}
+VOCAB_SIZE = 576  # embedding rows: 538 tokens padded to a multiple of 64 (Qwen pads 151669 to 151936)
+
+TINY_CONFIG: dict = {
+    "architectures": ["Qwen3VLForConditionalGeneration"],
+    "model_type": "qwen3_vl",
+    "image_token_id": TOKEN_IDS["<|image_pad|>"],
+    "video_token_id": TOKEN_IDS["<|video_pad|>"],
+    "vision_start_token_id": TOKEN_IDS["<|vision_start|>"],
+    "vision_end_token_id": TOKEN_IDS["<|vision_end|>"],
+    "tie_word_embeddings": False,
+    "text_config": {
+        "model_type": "qwen3_vl_text", "vocab_size": VOCAB_SIZE, "hidden_size": 128,
+        "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 32, "hidden_act": "silu",
+        "max_position_embeddings": 262144, "rms_norm_eps": 1e-6, "rope_theta": 5000000.0,
+        # mrope_section sums to head_dim / 2
+        "rope_scaling": {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+        "attention_bias": False, "tie_word_embeddings": False,
+        "bos_token_id": TOKEN_IDS["<|endoftext|>"], "eos_token_id": TOKEN_IDS["<|im_end|>"],
+    },
+    "vision_config": {
+        "model_type": "qwen3_vl", "depth": 4, "hidden_size": 64, "hidden_act": "gelu_pytorch_tanh",
+        "intermediate_size": 128, "num_heads": 4, "in_channels": 3, "patch_size": 16,
+        "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 128,
+        "num_position_embeddings": 2304, "deepstack_visual_indexes": [1, 2, 3],
+    },
+}
+
+# Qwen3-VL's released preprocessor values; the class defaults are Qwen2-VL's (patch 14, CLIP mean/std).
+PREPROCESSOR_CONFIG: dict = {
+    "image_processor_type": "Qwen2VLImageProcessorPil",
+    "processor_class": "Qwen3VLProcessor",
+    "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+    "do_convert_rgb": True, "resample": 3,  # bicubic
+    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+    "size": {"shortest_edge": 65536, "longest_edge": 16777216},
+}
+
+# Qwen3-VL chat format: one <|vision_start|><|image_pad|><|vision_end|> per image item;
+# the processor expands <|image_pad|> to grid_t*grid_h*grid_w/4 tokens.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' or 'image' in item or 'image_url' in item -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif item['type'] == 'video' or 'video' in item -%}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in item -%}{{- item['text'] -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Fixed text the BPE merges are learnt from (deterministic; no download).
+_BPE_TEXT = """\
+Click the Save button in the toolbar. Open the File menu and choose Export as PDF.
+Where is the search box? Point to the close icon of the settings window.
+Output the click position as (x, y) in the range 0 to 1000. The answer is (512, 384).
+The terminal shows the result of the last command; scroll down to read the error message.
+Select the second tab, type the user name and password, then press the Sign in button.
+Screen grounding: given a screenshot and an instruction, find the element to click.
+Documents, charts, tables, forms, web pages, mobile apps and desktop applications.
+Settings, Preferences, Help, About, Cancel, Apply, OK, Next, Back, Finish, Delete, Edit, View.
+0123456789 () [] {} <> , . ; : ! ? - _ + = * / \\ | @ # $ % & ' " ~ ^
+"""
+
+
+def _build_tokenizer():
+    """Train a 512-token byte-level BPE on `_BPE_TEXT` and wrap it as a Qwen2Tokenizer with
+    the special tokens at SPECIAL_BASE + index (Qwen's order)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+    from tokenizers import Regex
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB_SIZE, min_frequency=1, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([_BPE_TEXT] * 4, trainer=trainer)
+    state = json.loads(bpe.to_str())["model"]
+    vocab: dict[str, int] = state["vocab"]
+    if len(vocab) != BPE_VOCAB_SIZE:
+        raise RuntimeError(f"BPE training produced {len(vocab)} tokens, expected {BPE_VOCAB_SIZE}")
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    vocab.update(TOKEN_IDS)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", model_max_length=262144,
+                         extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")])
+    tok.chat_template = CHAT_TEMPLATE
+    for token, want in TOKEN_IDS.items():
+        if tok.convert_tokens_to_ids(token) != want:
+            raise RuntimeError(f"tokenizer put {token} at {tok.convert_tokens_to_ids(token)}, expected {want}")
+    return tok
+
+
+def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a complete tiny Qwen3-VL checkpoint with weights drawn from `seed` into `out_dir`
+    (created if missing) and return its path. The same seed gives bit-identical weights."""
+    import torch
+    from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    if int(seed) != seed or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = Qwen3VLConfig(**json.loads(json.dumps(TINY_CONFIG)))
+    devnull_rng = torch.random.fork_rng()  # do not disturb the caller's global RNG
+    with devnull_rng:
+        torch.manual_seed(seed)
+        model = Qwen3VLForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=TOKEN_IDS["<|endoftext|>"], pad_token_id=TOKEN_IDS["<|endoftext|>"],
+        eos_token_id=[TOKEN_IDS["<|im_end|>"], TOKEN_IDS["<|endoftext|>"]], do_sample=False)
+    model.save_pretrained(out)
+
+    _build_tokenizer().save_pretrained(out)
+    image_processor = Qwen2VLImageProcessorPil(**{k: v for k, v in PREPROCESSOR_CONFIG.items()
+                                                  if k not in ("image_processor_type", "processor_class")})
+    image_processor.save_pretrained(out)
+    Qwen3VLVideoProcessor().save_pretrained(out)  # Qwen3-VL's defaults; videos need torchvision
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen3VLProcessor"}, indent=2) + "\n")
+    (out / "README.md").write_text(_README.format(seed=seed))
+    return out
+
+
+_README = """\
+# Tiny Qwen3-VL checkpoint — RANDOM WEIGHTS
+
+Written by `pixelprune tiny-checkpoint` (pixelprune/tiny.py) with seed {seed}.
+The weights are random: the model's outputs are meaningless text. It exists so
+that tests and demos run the real Qwen3-VL code (transformers'
+Qwen3VLForConditionalGeneration) on CPU in milliseconds.
+
+Architecture: Qwen3-VL layout with a 4-layer, 64-wide ViT (16 px patches, 2x2
+merge, DeepStack at layers 1-3) and a 4-layer, 128-wide text model. The
+vocabulary is a 512-token byte-level BPE followed by Qwen's special tokens
+(`<|image_pad|>` = 524, not 151655); read ids from config.json.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", type=Path, help="output directory (created if missing)")
+    parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = write_tiny_checkpoint(args.dir, seed=args.seed)
+    print(f"wrote tiny random-weight Qwen3-VL checkpoint to {out}")
+    return 0

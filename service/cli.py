@@ -1,0 +1,33 @@
+"""`pixelprune serve`: flags and PIXELPRUNE_* environment (read in service.config), then serve()."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from service import config as service_config
+
+log = logging.getLogger("pixelprune.serve")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    service_config.add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = service_config.from_namespace(args, os.environ)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from service.server import load_engine, serve  # torch and transformers load here, after the flags are valid
+
+    engine = load_engine(config)
+    log.info("model %s on %s (%s), max %d new tokens; sessions in %s; pruning %s",
+             config.model, engine.device, str(engine.dtype).replace("torch.", ""), config.max_new_tokens,
+             "Redis" if config.redis_url else "this process",
+             f"{config.prune_method}/{config.prune_metric}/tau={config.prune_tau}" if config.prune_enabled else "off")
+    if engine.is_random_weights:
+        log.warning("%s has RANDOM WEIGHTS (a test checkpoint): its answers carry no meaning", config.model)
+    log.info("listening: gRPC %s:%d%s, metrics port %d, auth %s", config.host, config.port,
+             " (TLS)" if config.tls_cert else "", config.metrics_port,
+             "bearer token" if config.auth_token_file else "off")
+    return serve(config, engine=engine)

@@ -1,0 +1,176 @@
+"""The service's configuration: flags of `pixelprune serve`, with `PIXELPRUNE_*` fallbacks.
+
+This is the one place that reads the environment. Every option has a flag
+(`--queue-size`) and an environment variable (`PIXELPRUNE_QUEUE_SIZE`); a flag
+given on the command line wins over the environment, which wins over the
+default. The result is a frozen `ServiceConfig` passed explicitly from there on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+MIB = 1024 * 1024
+ENV_PREFIX = "PIXELPRUNE_"
+PRUNE_METHODS = ("raster", "serpentine", "pred2d")  # = pixelprune.selectors.METHODS
+PRUNE_METRICS = ("max", "mae")  # = pixelprune.selectors.METRICS
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    model: str = "Qwen/Qwen3-VL-2B-Instruct"  # hub id or local checkpoint directory
+    device: str = "auto"  # torch device ("auto" = cuda when available, else cpu)
+    dtype: str = "auto"  # torch dtype name ("auto" = bf16 on cuda, fp32 on cpu)
+    max_new_tokens: int = 24  # generated tokens per answer (a point needs ~15)
+    host: str = "0.0.0.0"  # address the gRPC and metrics servers bind
+    port: int = 50051  # gRPC port (0 = any free port)
+    metrics_port: int = 9464  # Prometheus /metrics port (0 = any free port, -1 = off)
+    redis_url: str | None = None  # redis://host:port/db for sessions; None = in-process store
+    redis_prefix: str = "pixelprune:session:"  # Redis key prefix of session entries
+    max_image_pixels: int = 50_000_000  # largest screenshot accepted (width * height, pixels)
+    max_message_bytes: int = 64 * MIB  # largest gRPC message received or sent (bytes)
+    max_instruction_chars: int = 4096  # longest instruction accepted (characters)
+    queue_size: int = 16  # requests waiting for the model worker before RESOURCE_EXHAUSTED
+    max_concurrent_rpcs: int = 256  # open RPCs (incl. streams) before gRPC refuses new ones
+    session_ttl_s: float = 600.0  # a session is forgotten this many seconds after its last frame
+    vision_cache_size: int = 32  # vision-encoder outputs kept in process (entries, LRU)
+    drain_grace_s: float = 30.0  # on SIGTERM, seconds in-flight requests get to finish
+    auth_token_file: str | None = None  # file holding the bearer token; None = no auth
+    tls_cert: str | None = None  # PEM certificate chain; with tls_key enables TLS
+    tls_key: str | None = None  # PEM private key
+    prune_enabled: bool = True  # default pruning on/off (requests may override)
+    prune_method: str = "pred2d"  # default scan order / predictor
+    prune_metric: str = "max"  # default block distance
+    prune_tau: float = 0.0  # default threshold in [0, 1] (0 = lossless)
+    log_level: str = "INFO"  # Python logging level name
+
+    def validate(self) -> "ServiceConfig":
+        """Raise ValueError (one line) for a setting that cannot work; return self."""
+        checks = [
+            (bool(self.model), "--model must not be empty"),
+            (0 <= self.port <= 65535, f"--port must be in 0..65535, got {self.port}"),
+            (-1 <= self.metrics_port <= 65535, f"--metrics-port must be in -1..65535, got {self.metrics_port}"),
+            (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.max_image_pixels >= 1, f"--max-image-pixels must be >= 1, got {self.max_image_pixels}"),
+            (self.max_message_bytes >= 1024, f"--max-message-bytes must be >= 1024, got {self.max_message_bytes}"),
+            (self.max_instruction_chars >= 1, "--max-instruction-chars must be >= 1"),
+            (self.queue_size >= 1, f"--queue-size must be >= 1, got {self.queue_size}"),
+            (self.max_concurrent_rpcs >= 1, "--max-concurrent-rpcs must be >= 1"),
+            (self.session_ttl_s > 0 and math.isfinite(self.session_ttl_s), "--session-ttl-s must be > 0"),
+            (self.vision_cache_size >= 0, "--vision-cache-size must be >= 0"),
+            (self.drain_grace_s >= 0 and math.isfinite(self.drain_grace_s), "--drain-grace-s must be >= 0"),
+            (self.prune_method in PRUNE_METHODS, f"--prune-method must be one of {', '.join(PRUNE_METHODS)}"),
+            (self.prune_metric in PRUNE_METRICS, f"--prune-metric must be one of {', '.join(PRUNE_METRICS)}"),
+            (math.isfinite(self.prune_tau) and 0.0 <= self.prune_tau <= 1.0,
+             f"--prune-tau must be in [0, 1], got {self.prune_tau}"),
+            ((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together"),
+            (self.redis_url is None or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
+             "--redis-url must start with redis://, rediss:// or unix://"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        for name in ("auth_token_file", "tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"--{name.replace('_', '-')}: no such file: {path}")
+        return self
+
+    def auth_token(self) -> str | None:
+        """The bearer token from auth_token_file (stripped), or None when auth is off."""
+        if self.auth_token_file is None:
+            return None
+        with open(self.auth_token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+        if not token:
+            raise ValueError(f"--auth-token-file {self.auth_token_file} is empty")
+        return token
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _path(text: str) -> str | None:
+    return text or None
+
+
+# (field, flag, parse, help). Flags map to PIXELPRUNE_<FLAG_IN_CAPS> in the environment.
+_OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
+    ("model", "--model", str, "hub id or local checkpoint directory"),
+    ("device", "--device", str, "torch device: auto, cpu, cuda, cuda:1, ..."),
+    ("dtype", "--dtype", str, "torch dtype: auto, bfloat16, float16, float32"),
+    ("max_new_tokens", "--max-new-tokens", int, "tokens generated per answer"),
+    ("host", "--host", str, "address to bind"),
+    ("port", "--port", int, "gRPC port (0 = any free port)"),
+    ("metrics_port", "--metrics-port", int, "Prometheus /metrics port (0 = any, -1 = off)"),
+    ("redis_url", "--redis-url", _path, "Redis URL for sessions (absent = in-process store)"),
+    ("redis_prefix", "--redis-prefix", str, "Redis key prefix of sessions"),
+    ("max_image_pixels", "--max-image-pixels", int, "largest screenshot, width*height pixels"),
+    ("max_message_bytes", "--max-message-bytes", int, "largest gRPC message, bytes"),
+    ("max_instruction_chars", "--max-instruction-chars", int, "longest instruction, characters"),
+    ("queue_size", "--queue-size", int, "requests waiting for the model before RESOURCE_EXHAUSTED"),
+    ("max_concurrent_rpcs", "--max-concurrent-rpcs", int, "open RPCs incl. streams"),
+    ("session_ttl_s", "--session-ttl-s", float, "session lifetime after its last frame, seconds"),
+    ("vision_cache_size", "--vision-cache-size", int, "vision-encoder outputs kept (LRU entries)"),
+    ("drain_grace_s", "--drain-grace-s", float, "seconds in-flight requests get on SIGTERM"),
+    ("auth_token_file", "--auth-token-file", _path, "file with the bearer token (absent = no auth)"),
+    ("tls_cert", "--tls-cert", _path, "PEM certificate chain (TLS with --tls-key)"),
+    ("tls_key", "--tls-key", _path, "PEM private key"),
+    ("prune_method", "--prune-method", str, "default method: raster, serpentine, pred2d"),
+    ("prune_metric", "--prune-metric", str, "default metric: max, mae"),
+    ("prune_tau", "--prune-tau", float, "default tau in [0, 1] (0 = lossless)"),
+    ("log_level", "--log-level", str, "DEBUG, INFO, WARNING, ERROR"),
+]
+
+
+def env_name(flag: str) -> str:
+    """--queue-size -> PIXELPRUNE_QUEUE_SIZE."""
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the serve flags; defaults stay None so the environment can fill them in."""
+    defaults = ServiceConfig()
+    for field, flag, _parse, help_text in _OPTIONS:
+        parser.add_argument(flag, dest=field, default=None, metavar=field.split("_")[-1].upper(),
+                            help=f"{help_text} [env {env_name(flag)}; default {getattr(defaults, field)}]")
+    parser.add_argument("--no-prune", dest="no_prune", action="store_true", default=None,
+                        help=f"run the model on every block by default [env {env_name('--no-prune')}]")
+
+
+def from_namespace(args: argparse.Namespace, environ: Mapping[str, str]) -> ServiceConfig:
+    """Flags (strings from argparse) over environment over defaults, parsed and validated."""
+    values: dict[str, Any] = {}
+    for field, flag, parse, _help in _OPTIONS:
+        raw, source = getattr(args, field, None), flag
+        if raw is None and env_name(flag) in environ:
+            raw, source = environ[env_name(flag)], env_name(flag)
+        if raw is None:
+            continue
+        try:
+            values[field] = parse(raw)
+        except ValueError:
+            raise ValueError(f"{source}: cannot read {raw!r} as {getattr(parse, '__name__', 'value')}") from None
+    no_prune = getattr(args, "no_prune", None)
+    if no_prune is None and env_name("--no-prune") in environ:
+        no_prune = _bool(environ[env_name("--no-prune")])
+    if no_prune is not None:
+        values["prune_enabled"] = not no_prune
+    return ServiceConfig(**values).validate()
+
+
+def from_args_and_env(argv: Sequence[str], environ: Mapping[str, str]) -> ServiceConfig:
+    """Parse `pixelprune serve` arguments (without the subcommand) and the environment."""
+    parser = argparse.ArgumentParser(prog="pixelprune serve")
+    add_arguments(parser)
+    return from_namespace(parser.parse_args(list(argv)), environ)

@@ -1,0 +1,230 @@
+"""The service's domain function: one screenshot + instruction -> one answer, with session reuse.
+
+    source digest -> session lookup -> (same bytes, instruction, settings: answer from the session)
+    -> decode -> prepare (resize, select, patchify) -> block hashes + frame digest
+    -> changed fraction vs the previous frame -> (same pixels, instruction, settings: from the session)
+    -> vision cache (same pixels and settings: skip the ViT) -> engine.ground on the model worker
+    -> save the session -> GroundAnswer
+
+Everything before the model step runs on the calling RPC thread, so the single
+model worker only ever runs the model. No gRPC types here: the servicer converts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+
+from pixelprune.hashing import block_hashes, frame_digest
+from service.cache import LRUCache, vision_key
+from service.errors import DeadlineExpired
+from service.images import RawImage, decode_image
+from service.metrics import ServiceMetrics
+from service.sessions import CachedAnswer, SessionState, SessionStore
+from service.worker import ModelWorker
+
+SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+@dataclass(frozen=True)
+class PruningRequest:
+    method: str | None  # "pred2d", "raster", "serpentine"; None = server default
+    metric: str | None  # "max", "mae"; None = server default
+    tau: float | None  # in [0, 1] of the pixel range; None = server default
+    disabled: bool  # True = keep every block
+
+
+@dataclass(frozen=True)
+class PruningDefaults:
+    enabled: bool  # prune unless the request disables it
+    method: str  # default method
+    metric: str  # default metric
+    tau: float  # default tau in [0, 1]
+
+
+@dataclass(frozen=True)
+class GroundQuery:
+    image: bytes | RawImage | None  # encoded PNG/JPEG/WebP bytes or raw RGB
+    instruction: str  # what to find
+    session_id: str  # "" = no session
+    pruning: PruningRequest | None  # None = server defaults
+
+
+@dataclass(frozen=True)
+class GroundAnswer:
+    found: bool  # the model's answer contained a point
+    point: tuple[float, float] | None  # pixels of the screenshot as sent
+    point_normalized: tuple[float, float] | None  # [0, 1] of width and height
+    raw_answer: str  # the model's text
+    kept_blocks: int  # visual tokens the model saw
+    total_blocks: int  # visual tokens of the full image
+    changed_fraction: float  # share of blocks changed since the session's previous frame
+    cache_hit: bool  # answered from the session, no model
+    vision_cache_hit: bool  # the vision features were reused
+    session_id: str  # "" without a session
+    timings_ms: dict  # decode, resize, select, patchify, vit, prefill, ttft, decode_tokens, queue, total (ms)
+    image_size: tuple[int, int]  # (W, H) as sent
+    model_size: tuple[int, int]  # (w, h) after smart_resize
+    random_weights: bool  # the model has random weights: the answer means nothing
+
+    @property
+    def retain_ratio(self) -> float:
+        return self.kept_blocks / self.total_blocks if self.total_blocks else 0.0
+
+
+def resolve_pruning(request: PruningRequest | None, defaults: PruningDefaults):
+    """The engine's PruneSettings for a request, and a hashable key of them. ValueError if invalid."""
+    from pixelprune.engine import PruneSettings
+
+    request = request or PruningRequest(None, None, None, False)
+    tau = defaults.tau if request.tau is None else float(request.tau)
+    if not (np.isfinite(tau) and 0.0 <= tau <= 1.0):
+        raise ValueError(f"pruning tau must be finite and in [0, 1], got {tau}")
+    settings = PruneSettings(enabled=defaults.enabled and not request.disabled,
+                             method=request.method or defaults.method, metric=request.metric or defaults.metric,
+                             tau=tau).validate()  # both in [0, 1] of the pixel range
+    return settings, (settings.enabled, settings.method, settings.metric, float(settings.tau))
+
+
+def source_digest(image: bytes | RawImage | None) -> bytes:
+    """Identity of the request's image as sent (cheap: no decoding)."""
+    h = hashlib.blake2b(digest_size=16)
+    if isinstance(image, RawImage):
+        h.update(b"raw%d,%d:" % (image.width, image.height))
+        h.update(image.rgb)
+    elif image is not None:
+        h.update(b"enc:")
+        h.update(image)
+    return h.digest()
+
+
+def changed_fraction(previous: SessionState | None, hashes: np.ndarray) -> float:
+    """Share of blocks whose hash differs from the previous frame's; 1.0 without a comparable one."""
+    if previous is None or previous.grid != hashes.shape:
+        return 1.0
+    return float(np.count_nonzero(previous.hashes_array() != hashes)) / hashes.size
+
+
+def kv_bytes_per_token(engine) -> int:
+    """Key+value bytes one prompt token takes in the LLM's cache, from the model config (0 if unknown)."""
+    config = getattr(getattr(getattr(engine, "model", None), "config", None), "text_config", None)
+    try:
+        dtype_bytes = int(getattr(engine, "dtype").itemsize)
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype_bytes
+    except (AttributeError, TypeError):
+        return 0
+
+
+class Grounder:
+    """Runs GroundQuery -> GroundAnswer against one engine, session store, vision cache and worker."""
+
+    def __init__(self, engine, store: SessionStore, vision_cache: LRUCache, worker: ModelWorker,
+                 metrics: ServiceMetrics, defaults: PruningDefaults, max_image_pixels: int,
+                 max_instruction_chars: int):
+        self.engine, self.store, self.vision_cache, self.worker = engine, store, vision_cache, worker
+        self.metrics, self.defaults = metrics, defaults
+        self.max_image_pixels, self.max_instruction_chars = max_image_pixels, max_instruction_chars
+        self._kv_per_token = kv_bytes_per_token(engine)
+        self._prompt_text_tokens = 0  # text tokens of the last prompt (calibrates the in-use estimate)
+
+    def validate(self, query: GroundQuery) -> None:
+        """ValueError (-> INVALID_ARGUMENT) for a bad instruction or session id."""
+        if not query.instruction or not query.instruction.strip():
+            raise ValueError("instruction is empty")
+        if len(query.instruction) > self.max_instruction_chars:
+            raise ValueError(f"instruction has {len(query.instruction)} characters, more than "
+                             f"{self.max_instruction_chars}")
+        if query.session_id and not SESSION_ID.fullmatch(query.session_id):
+            raise ValueError("session_id must be 1..128 characters of [A-Za-z0-9._:-]")
+
+    def ground(self, query: GroundQuery, deadline: float | None = None,
+               is_active: Callable[[], bool] = lambda: True) -> GroundAnswer:
+        """Answer one query. `deadline` is a time.monotonic() value; ValueError for bad input."""
+        arrival = time.perf_counter()
+        self.validate(query)
+        settings, key = resolve_pruning(query.pruning, self.defaults)
+        src = source_digest(query.image)
+        previous = self.store.get(query.session_id) if query.session_id else None
+        if self._same_request(previous, query.instruction, key) and previous.source_digest == src:
+            return self._from_session(query, previous, src, arrival, decode_s=0.0)
+        t0 = time.perf_counter()
+        pixels = decode_image(query.image, self.max_image_pixels)
+        decode_s = time.perf_counter() - t0
+        prepared = self.engine.prepare(pixels, settings)
+        hashes, digest = block_hashes(prepared.pixels), frame_digest(prepared.pixels)
+        changed = changed_fraction(previous, hashes)
+        if previous is not None:
+            self.metrics.record_changed_fraction(changed)
+        if (self._same_request(previous, query.instruction, key) and previous.frame_digest == digest
+                and previous.original_size == prepared.original_size):
+            return self._from_session(query, previous, src, arrival, decode_s)
+        vkey = vision_key(digest, key, prepared.resized_size)
+        vision = self.vision_cache.get(vkey)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExpired("deadline expired before the model ran")
+        job = self.worker.run(lambda: self._model_step(prepared, query.instruction, vision),
+                              deadline=deadline, is_active=is_active)
+        output, started = job.value
+        if vision is None:
+            self.vision_cache.put(vkey, output.vision)
+        answer = CachedAnswer(raw_text=output.raw_text, point=output.point, point_normalized=output.point_normalized,
+                              kept_blocks=output.kept_blocks, total_blocks=output.total_blocks)
+        if query.session_id:
+            self.metrics.record_frame_cache(hit=False)
+            self.store.put(query.session_id, SessionState(
+                original_size=prepared.original_size, resized_size=prepared.resized_size,
+                block_hashes=hashes.astype("<u8", copy=False).tobytes(), frame_digest=digest, source_digest=src,
+                instruction=query.instruction, settings=key, answer=answer))
+        prep_s = sum(prepared.timings.values())
+        ttft_s = (started - arrival) + output.timings["ttft"] - prep_s
+        timings = {**output.timings, "decode": decode_s, "queue": job.queue_wait_s, "ttft": ttft_s}
+        self.metrics.record_stages(timings)
+        self.metrics.record_model_run(output.kept_blocks, output.total_blocks, output.kv_cache_bytes, ttft_s)
+        return self._answer(query, answer, changed, False, output.vision_reused, prepared.original_size,
+                            prepared.resized_size, timings, arrival)
+
+    def _model_step(self, prepared, instruction: str, vision):
+        """Runs on the model worker: the engine's ViT (unless reused), prefill and decoding."""
+        started = time.perf_counter()
+        estimate = self._kv_per_token * (prepared.kept_blocks + self._prompt_text_tokens)
+        self.metrics.set_kv_in_use(estimate)
+        try:
+            output = self.engine.ground(prepared, instruction, vision=vision)
+        finally:
+            self.metrics.set_kv_in_use(0)
+        if self._kv_per_token:
+            self._prompt_text_tokens = max(0, output.kv_cache_bytes // self._kv_per_token - output.kept_blocks)
+        return output, started
+
+    @staticmethod
+    def _same_request(previous: SessionState | None, instruction: str, key: tuple) -> bool:
+        return previous is not None and previous.instruction == instruction and tuple(previous.settings) == key
+
+    def _from_session(self, query: GroundQuery, previous: SessionState, src: bytes, arrival: float,
+                      decode_s: float) -> GroundAnswer:
+        """A cache hit: the previous answer, no model; the session's TTL is refreshed."""
+        self.metrics.record_frame_cache(hit=True)
+        if previous.source_digest != src:
+            previous = replace(previous, source_digest=src)
+        else:  # the fast path: the changed fraction (0) was not recorded yet
+            self.metrics.record_changed_fraction(0.0)
+        self.store.put(query.session_id, previous)
+        return self._answer(query, previous.answer, 0.0, True, False, previous.original_size,
+                            previous.resized_size, {"decode": decode_s}, arrival)
+
+    def _answer(self, query, answer: CachedAnswer, changed: float, cache_hit: bool, vision_hit: bool,
+                image_size, model_size, timings: dict, arrival: float) -> GroundAnswer:
+        stages = ("decode", "resize", "select", "patchify", "vit", "prefill", "ttft", "decode_tokens", "queue")
+        timings_ms = {name: 1000.0 * timings.get(name, 0.0) for name in stages}
+        timings_ms["total"] = 1000.0 * (time.perf_counter() - arrival)
+        return GroundAnswer(
+            found=answer.point is not None, point=answer.point, point_normalized=answer.point_normalized,
+            raw_answer=answer.raw_text, kept_blocks=answer.kept_blocks, total_blocks=answer.total_blocks,
+            changed_fraction=changed, cache_hit=cache_hit, vision_cache_hit=vision_hit,
+            session_id=query.session_id, timings_ms=timings_ms, image_size=tuple(image_size),
+            model_size=tuple(model_size), random_weights=bool(self.engine.is_random_weights))

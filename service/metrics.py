@@ -1,0 +1,117 @@
+"""Prometheus metrics of the service, named once (the Grafana dashboard and alert rules use these names).
+
+The engine returns what it did as values (timings, token counts, KV bytes); the
+functions here record them. Every metric lives in an injectable
+`CollectorRegistry` so tests can run several servers in one process and read
+each one's numbers. Time histograms span a millisecond to a minute.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Seconds: 1 ms .. 60 s, roughly x2.5 per step.
+TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0)
+RATIO_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+BYTES_BUCKETS = tuple(float(4 ** k * 1024) for k in range(3, 14))  # 64 KiB .. 64 GiB, x4
+STAGES = ("decode", "resize", "select", "patchify", "vit", "prefill", "decode_tokens")
+
+
+class ServiceMetrics:
+    """All metrics of one server, registered in `registry`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.request_duration = Histogram(
+            "pixelprune_request_duration_seconds", "Time from arrival to answer (or error) per RPC.",
+            ["rpc", "code"], buckets=TIME_BUCKETS, registry=r)
+        self.ttft = Histogram("pixelprune_ttft_seconds", "Time from arrival to the first generated token.",
+                              buckets=TIME_BUCKETS, registry=r)
+        self.stage_duration = Histogram(
+            "pixelprune_stage_duration_seconds", "Time of one stage of a request that ran the model.",
+            ["stage"], buckets=TIME_BUCKETS, registry=r)
+        self.retain_ratio = Histogram("pixelprune_retain_ratio", "Kept / total visual tokens per model run.",
+                                      buckets=RATIO_BUCKETS, registry=r)
+        self.visual_tokens = Counter("pixelprune_visual_tokens_total",
+                                     "Visual tokens (32x32 blocks) kept and pruned.", ["kind"], registry=r)
+        self.kv_cache_bytes = Histogram("pixelprune_kv_cache_bytes", "KV-cache bytes of one request's prompt.",
+                                        buckets=BYTES_BUCKETS, registry=r)
+        self.kv_cache_in_use = Gauge("pixelprune_kv_cache_in_use_bytes",
+                                     "KV-cache bytes held by the model worker's current generation.", registry=r)
+        self.queue_depth = Gauge("pixelprune_queue_depth", "Requests waiting for the model worker.", registry=r)
+        self.queue_wait = Histogram("pixelprune_queue_wait_seconds", "Time a request waited for the model worker.",
+                                    buckets=TIME_BUCKETS, registry=r)
+        self.frame_cache_queries = Counter(
+            "pixelprune_frame_cache_queries_total", "Frames compared with their session's previous frame.",
+            registry=r)
+        self.frame_cache_hits = Counter(
+            "pixelprune_frame_cache_hits_total", "Frames answered from the session without the model.", registry=r)
+        self.changed_fraction = Histogram(
+            "pixelprune_changed_block_fraction", "Share of blocks changed since the session's previous frame.",
+            buckets=RATIO_BUCKETS, registry=r)
+        self.redis_errors = Counter("pixelprune_redis_errors_total", "Failed Redis operations.", registry=r)
+        for stage in STAGES:  # export every series from the start, so dashboards show zeros, not gaps
+            self.stage_duration.labels(stage=stage)
+        for kind in ("kept", "pruned"):
+            self.visual_tokens.labels(kind=kind)
+        self._in_use_lock = threading.Lock()
+
+    def record_request(self, rpc: str, code: str, seconds: float) -> None:
+        self.request_duration.labels(rpc=rpc, code=code).observe(seconds)
+
+    def record_stages(self, seconds: Mapping[str, float]) -> None:
+        """Stage name -> seconds, for the stages in STAGES that ran."""
+        for stage, value in seconds.items():
+            if stage in STAGES:
+                self.stage_duration.labels(stage=stage).observe(value)
+
+    def record_model_run(self, kept: int, total: int, kv_cache_bytes: int, ttft_s: float) -> None:
+        """What one model run did: tokens kept/pruned, retain ratio, KV bytes, TTFT."""
+        self.visual_tokens.labels(kind="kept").inc(kept)
+        self.visual_tokens.labels(kind="pruned").inc(total - kept)
+        if total > 0:
+            self.retain_ratio.observe(kept / total)
+        self.kv_cache_bytes.observe(kv_cache_bytes)
+        self.ttft.observe(ttft_s)
+
+    def set_kv_in_use(self, nbytes: int) -> None:
+        with self._in_use_lock:
+            self.kv_cache_in_use.set(nbytes)
+
+    def record_queue_depth(self, depth: int) -> None:
+        self.queue_depth.set(depth)
+
+    def record_queue_wait(self, seconds: float) -> None:
+        self.queue_wait.observe(seconds)
+
+    def record_frame_cache(self, hit: bool) -> None:
+        self.frame_cache_queries.inc()
+        if hit:
+            self.frame_cache_hits.inc()
+
+    def record_changed_fraction(self, fraction: float) -> None:
+        self.changed_fraction.observe(fraction)
+
+    def record_redis_error(self) -> None:
+        self.redis_errors.inc()
+
+
+@dataclass
+class MetricsServer:
+    port: int  # the port /metrics listens on
+    _server: object  # the wsgiref server
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def start_metrics_server(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> MetricsServer:
+    """Serve `registry` on http://host:port/metrics (port 0 = any free port) in a daemon thread."""
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(port=server.server_port, _server=server)

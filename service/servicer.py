@@ -1,0 +1,175 @@
+"""The gRPC servicer: unpack (from_pb), call the domain function, pack (to_pb). Nothing else.
+
+GroundStream runs two threads per stream: a reader that consumes frames as
+fast as the client sends them and keeps only the newest pending one (the
+instruction and pruning settings of every frame still apply in order), and the
+RPC's own thread, which answers the newest frame, then the next newest, and
+reports how many frames were skipped in between.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from pixelprune.grounding.v1 import grounding_pb2 as pb
+from pixelprune.grounding.v1 import grounding_pb2_grpc as pb_grpc
+from service.errors import stream_errors, unary_errors
+from service.grounding import GroundAnswer, Grounder, GroundQuery, PruningRequest
+from service.images import RawImage
+from service.metrics import ServiceMetrics
+
+_METHODS = {pb.PruningSettings.METHOD_PRED2D: "pred2d", pb.PruningSettings.METHOD_RASTER: "raster",
+            pb.PruningSettings.METHOD_SERPENTINE: "serpentine"}
+_METRICS = {pb.PruningSettings.METRIC_MAX: "max", pb.PruningSettings.METRIC_MAE: "mae"}
+
+
+def pruning_from_pb(msg: pb.PruningSettings) -> PruningRequest:
+    """Proto pruning settings -> PruningRequest; ValueError for enum values this server does not know."""
+    if msg.method != pb.PruningSettings.METHOD_UNSPECIFIED and msg.method not in _METHODS:
+        raise ValueError(f"unknown pruning method {msg.method}")
+    if msg.metric != pb.PruningSettings.METRIC_UNSPECIFIED and msg.metric not in _METRICS:
+        raise ValueError(f"unknown pruning metric {msg.metric}")
+    return PruningRequest(method=_METHODS.get(msg.method), metric=_METRICS.get(msg.metric),
+                          tau=msg.tau if msg.HasField("tau") else None, disabled=msg.disabled)
+
+
+def image_from_pb(msg: pb.Image) -> bytes | RawImage | None:
+    source = msg.WhichOneof("source")
+    if source == "encoded":
+        return msg.encoded
+    if source == "raw":
+        return RawImage(width=msg.raw.width, height=msg.raw.height, rgb=msg.raw.rgb)
+    return None
+
+
+def query_from_pb(request: pb.GroundRequest) -> GroundQuery:
+    return GroundQuery(image=image_from_pb(request.image), instruction=request.instruction,
+                       session_id=request.session_id,
+                       pruning=pruning_from_pb(request.pruning) if request.HasField("pruning") else None)
+
+
+def to_pb(answer: GroundAnswer, skipped_frames: int = 0, sequence: int = 0) -> pb.GroundResponse:
+    t = answer.timings_ms
+    response = pb.GroundResponse(
+        found=answer.found, raw_answer=answer.raw_answer, kept_blocks=answer.kept_blocks,
+        total_blocks=answer.total_blocks, retain_ratio=answer.retain_ratio,
+        changed_fraction=answer.changed_fraction, cache_hit=answer.cache_hit,
+        vision_cache_hit=answer.vision_cache_hit, session_id=answer.session_id,
+        skipped_frames=skipped_frames, sequence=sequence,
+        timings=pb.Timings(decode_ms=t["decode"], resize_ms=t["resize"], select_ms=t["select"],
+                           patchify_ms=t["patchify"], vit_ms=t["vit"], prefill_ms=t["prefill"],
+                           ttft_ms=t["ttft"], decode_tokens_ms=t["decode_tokens"], queue_ms=t["queue"],
+                           total_ms=t["total"]),
+        image_width=answer.image_size[0], image_height=answer.image_size[1],
+        model_width=answer.model_size[0], model_height=answer.model_size[1],
+        random_weights=answer.random_weights)
+    if answer.point is not None:
+        response.point.x, response.point.y = answer.point
+    if answer.point_normalized is not None:
+        response.point_normalized.x, response.point_normalized.y = answer.point_normalized
+    return response
+
+
+def deadline_of(context) -> float | None:
+    """The RPC's deadline as a time.monotonic() value, or None."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > 1e8 else time.monotonic() + remaining
+
+
+@dataclass(frozen=True)
+class _Pending:
+    query: GroundQuery  # the frame with the instruction and settings in force when it arrived
+    sequence: int  # the client's frame counter
+
+
+class NewestFrame:
+    """A one-slot mailbox: put() replaces an unanswered frame (counted as skipped); take() blocks."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._pending: _Pending | None = None
+        self._skipped = 0
+        self._closed = False
+        self.error: Exception | None = None  # a bad frame: ends the stream with its status
+
+    def put(self, item: _Pending) -> None:
+        with self._cond:
+            if self._pending is not None:
+                self._skipped += 1
+            self._pending = item
+            self._cond.notify()
+
+    def close(self, error: Exception | None = None) -> None:
+        with self._cond:
+            self._closed = True
+            self.error = self.error or error
+            self._cond.notify()
+
+    def take(self) -> tuple[_Pending, int] | None:
+        """The newest frame and the frames skipped before it; None when the stream is over."""
+        with self._cond:
+            while self._pending is None and not self._closed:
+                self._cond.wait()
+            if self.error is not None or self._pending is None:
+                return None
+            item, skipped = self._pending, self._skipped
+            self._pending, self._skipped = None, 0
+            return item, skipped
+
+
+def read_frames(frames, slot: NewestFrame) -> None:
+    """The stream's reader thread: frames -> queries (stream state applied in order) -> slot."""
+    session_id, instruction, pruning = "", "", None
+    try:
+        for index, frame in enumerate(frames):
+            if index == 0:
+                session_id = frame.session_id or f"stream-{uuid.uuid4().hex}"
+            elif frame.session_id and frame.session_id != session_id:
+                raise ValueError("session_id can only be set on the first frame of a stream")
+            instruction = frame.instruction or instruction
+            if not instruction:
+                raise ValueError("the first frame of a stream must carry an instruction")
+            if frame.HasField("pruning"):
+                pruning = pruning_from_pb(frame.pruning)
+            query = GroundQuery(image=image_from_pb(frame.image), instruction=instruction,
+                                session_id=session_id, pruning=pruning)
+            slot.put(_Pending(query=query, sequence=frame.sequence))
+        slot.close()
+    except ValueError as exc:
+        slot.close(exc)
+    except Exception:  # noqa: BLE001 - the client cancelled or the connection broke: just stop
+        slot.close()
+
+
+class GroundingServicer(pb_grpc.GroundingServicer):
+    """Ground and GroundStream over one Grounder."""
+
+    def __init__(self, grounder: Grounder, metrics: ServiceMetrics):
+        self.grounder = grounder
+        self.metrics = metrics
+
+    def on_rpc_done(self, rpc: str, code: str, seconds: float) -> None:
+        self.metrics.record_request(rpc, code, seconds)
+
+    @unary_errors("Ground")
+    def Ground(self, request, context):
+        answer = self.grounder.ground(query_from_pb(request), deadline=deadline_of(context),
+                                      is_active=context.is_active)
+        return to_pb(answer)
+
+    @stream_errors("GroundStream")
+    def GroundStream(self, request_iterator, context):
+        slot = NewestFrame()
+        context.add_callback(slot.close)  # cancellation or end of RPC wakes the responder
+        threading.Thread(target=read_frames, args=(request_iterator, slot), daemon=True,
+                         name="pixelprune-stream-reader").start()
+        while (item := slot.take()) is not None:
+            pending, skipped = item
+            answer = self.grounder.ground(pending.query, deadline=deadline_of(context),
+                                          is_active=context.is_active)
+            yield to_pb(answer, skipped_frames=skipped, sequence=pending.sequence)
+        if slot.error is not None:
+            raise slot.error

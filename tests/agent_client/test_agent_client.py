@@ -1,0 +1,261 @@
+"""GroundingClient: image encoding, and calls against real servers with the tiny checkpoint."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from agent_client.client import (MESSAGE_OVERHEAD_BYTES, AuthenticationError, GroundingClient, GroundResult,
+                                 InvalidRequest, ServerUnavailable, encode_image, encode_pixels, pruning_settings)
+from agent_testlib import TOKEN, free_port, server_config
+from pixelprune.grounding.v1 import grounding_pb2 as pb
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decoded(image: pb.Image) -> np.ndarray:
+    if image.WhichOneof("source") == "raw":
+        return np.frombuffer(image.raw.rgb, np.uint8).reshape(image.raw.height, image.raw.width, 3)
+    with Image.open(io.BytesIO(image.encoded)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def comparable(result: GroundResult) -> dict:
+    """What must not depend on how the image was sent (timings and session ids do)."""
+    d = result.to_json_dict()
+    for key in ("timings", "ttft_ms", "session_id"):
+        d.pop(key)
+    return d
+
+
+# --- encoding (no server) --------------------------------------------------------------
+
+
+def test_encoded_files_go_as_they_are(tmp_path, screenshot):
+    data = png_bytes(screenshot)
+    path = tmp_path / "shot.png"
+    path.write_bytes(data)
+    assert encode_image(path).encoded == data
+    assert encode_image(str(path)).encoded == data
+    assert encode_image(data).encoded == data
+    jpeg = io.BytesIO()
+    Image.fromarray(screenshot).save(jpeg, format="JPEG")
+    assert encode_image(jpeg.getvalue()).encoded == jpeg.getvalue()
+
+
+def test_pixels_are_png_encoded_losslessly(tmp_path, screenshot):
+    image = encode_image(screenshot)
+    assert image.encoded.startswith(b"\x89PNG") and len(image.encoded) < screenshot.nbytes / 4
+    assert np.array_equal(decoded(image), screenshot)
+    assert np.array_equal(decoded(encode_image(Image.fromarray(screenshot))), screenshot)
+    bmp = tmp_path / "shot.bmp"  # not a format the server takes: decoded here and re-encoded
+    Image.fromarray(screenshot).save(bmp)
+    assert np.array_equal(decoded(encode_image(bmp)), screenshot)
+    rgba = Image.fromarray(np.dstack([screenshot, np.full(screenshot.shape[:2], 7, np.uint8)]), "RGBA")
+    assert np.array_equal(decoded(encode_image(rgba)), screenshot)
+
+
+def test_noise_goes_raw_because_png_would_be_larger():
+    noise = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    image = encode_pixels(noise)
+    assert image.WhichOneof("source") == "raw"
+    assert (image.raw.width, image.raw.height) == (96, 64)
+    assert np.array_equal(decoded(image), noise)
+    view = noise[:, ::2]  # non-contiguous input
+    assert np.array_equal(decoded(encode_pixels(view)), view)
+
+
+def test_raw_on_request_and_the_message_limit(screenshot):
+    assert encode_pixels(screenshot, frame_encoding="raw").WhichOneof("source") == "raw"
+    png_size = len(encode_pixels(screenshot).encoded)
+    # raw does not fit, PNG does: PNG even when raw was asked for
+    limit = MESSAGE_OVERHEAD_BYTES + png_size + 10
+    assert encode_pixels(screenshot, limit, frame_encoding="raw").WhichOneof("source") == "encoded"
+    with pytest.raises(ValueError, match="over the message limit"):
+        encode_pixels(screenshot, MESSAGE_OVERHEAD_BYTES + png_size - 1)
+    with pytest.raises(ValueError, match="over the message limit"):
+        encode_image(png_bytes(screenshot), MESSAGE_OVERHEAD_BYTES + 100)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 4), np.uint8), np.zeros((4, 4, 3), np.float32),
+                                 np.zeros((0, 4, 3), np.uint8), np.zeros((4, 4, 4), np.uint8), 42])
+def test_bad_images_are_value_errors(bad):
+    with pytest.raises(ValueError):
+        encode_image(bad)
+
+
+def test_bytes_that_are_not_an_image(tmp_path):
+    with pytest.raises(ValueError, match="not PNG, JPEG or WebP"):
+        encode_image(b"GIF89a....")
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    with pytest.raises(ValueError, match="not an image file"):
+        encode_image(path)
+    with pytest.raises(FileNotFoundError):
+        encode_image(tmp_path / "missing.png")
+
+
+def test_pruning_settings():
+    s = pruning_settings("serpentine", "mae", 0.25, prune=True)
+    assert (s.method, s.metric, s.tau, s.disabled) == (pb.PruningSettings.METHOD_SERPENTINE,
+                                                       pb.PruningSettings.METRIC_MAE, 0.25, False)
+    assert not pruning_settings().HasField("tau") and pruning_settings(prune=False).disabled
+    for kwargs in ({"method": "zigzag"}, {"metric": "l2"}, {"tau": -0.1}, {"tau": float("nan")}, {"tau": 2.0}):
+        with pytest.raises(ValueError):
+            pruning_settings(**kwargs)
+
+
+def test_client_arguments():
+    with pytest.raises(ValueError, match="token"):
+        GroundingClient("127.0.0.1:1", token="two\nlines")
+    with pytest.raises(ValueError):
+        GroundingClient("127.0.0.1:1", timeout=0)
+    with pytest.raises(ValueError):
+        GroundingClient("")
+    with GroundingClient("127.0.0.1:1") as client, pytest.raises(ValueError, match="instruction"):
+        client.ground(np.zeros((8, 8, 3), np.uint8), "  ")
+
+
+# --- a real server ---------------------------------------------------------------------
+
+
+def test_every_input_type_gives_the_same_answer(pointing_server, screenshot, tmp_path):
+    from pixelprune.geometry import resize_to, smart_resize
+    from pixelprune.selectors import select_blocks
+
+    path = tmp_path / "shot.png"
+    path.write_bytes(png_bytes(screenshot))
+    with GroundingClient(f"127.0.0.1:{pointing_server.port}", token=TOKEN) as client:
+        results = [client.ground(image, "click the Save button")
+                   for image in (path, path.read_bytes(), Image.open(path), screenshot)]
+    for r in results[1:]:
+        assert comparable(r) == comparable(results[0])
+    r = results[0]
+    h, w = smart_resize(700, 1000)
+    keep = select_blocks(resize_to(screenshot, h, w))
+    assert r.image_size == (1000, 700) and r.model_size == (w, h) == (992, 704)
+    assert (r.kept_blocks, r.total_blocks) == (int(keep.sum()), keep.size)
+    assert r.retain_ratio == pytest.approx(keep.mean())
+    # the answer "(642, 318)" is relative to the image: in the screenshot's own pixels
+    assert r.raw_answer == "(642, 318)"
+    assert r.point == pytest.approx((642.0, 222.6)) and r.point_normalized == pytest.approx((0.642, 0.318))
+    assert r.random_weights and not r.cache_hit and r.ttft_ms > 0
+
+
+def test_session_reuse_and_change(grounding_server, screenshot):
+    with GroundingClient(f"127.0.0.1:{grounding_server.port}", token=TOKEN) as client:
+        first = client.ground(screenshot, "open the terminal", session_id="agent-test-1")
+        again = client.ground(screenshot, "open the terminal", session_id="agent-test-1")
+        changed = screenshot.copy()
+        changed[:64, :64] = 0
+        third = client.ground(changed, "open the terminal", session_id="agent-test-1")
+    assert first.session_id == again.session_id == "agent-test-1"
+    assert first.point is None  # the plain tiny checkpoint answers blanks
+    assert not first.cache_hit and first.changed_fraction == 1.0
+    assert again.cache_hit and again.changed_fraction == 0.0 and again.raw_answer == first.raw_answer
+    assert not third.cache_hit and 0.0 < third.changed_fraction < 0.05
+
+
+def test_retries_unavailable_until_the_server_is_up(tiny_checkpoint, tiny_engine, token_file, screenshot, caplog):
+    from service.server import create_server
+
+    port, started = free_port(), []
+
+    def start_later():
+        time.sleep(1.5)
+        started.append(create_server(server_config(tiny_checkpoint, token_file, port=port), engine=tiny_engine))
+
+    thread = threading.Thread(target=start_later)
+    thread.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="agent_client"), \
+                GroundingClient(f"127.0.0.1:{port}", token=TOKEN, retries=10, backoff_initial=0.2,
+                                backoff_max=1.0, timeout=120) as client:
+            result = client.ground(screenshot, "click the Save button")
+    finally:
+        thread.join()
+        for handle in started:
+            handle.stop(0)
+    retries = [r.getMessage() for r in caplog.records if "unavailable; retry" in r.getMessage()]
+    assert len(retries) >= 2, retries
+    first = re.search(r"retry 1 of 10 in ([0-9.]+) s$", retries[0])
+    assert first and 0.1 <= float(first.group(1)) <= 0.2  # 0.2 s with jitter in [0.5, 1]
+    assert result.total_blocks == 682
+
+
+def test_unreachable_server_gives_up_with_one_line(caplog):
+    port = free_port()
+    with caplog.at_level(logging.WARNING, logger="agent_client"), \
+            GroundingClient(f"127.0.0.1:{port}", retries=2, backoff_initial=0.05, timeout=20) as client:
+        with pytest.raises(ServerUnavailable) as info:
+            client.ground(np.zeros((64, 64, 3), np.uint8), "click")
+    message = str(info.value)
+    assert message.startswith(f"cannot reach the grounding server at 127.0.0.1:{port}: ") and "\n" not in message
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert len([r for r in caplog.records if "retry" in r.getMessage()]) == 2
+
+
+def _invalid_argument_count(handle) -> float:
+    value = handle.metrics.registry.get_sample_value(
+        "pixelprune_request_duration_seconds_count", {"rpc": "Ground", "code": "INVALID_ARGUMENT"})
+    return value or 0.0
+
+
+def test_invalid_argument_is_not_retried(grounding_server, screenshot, caplog):
+    truncated = png_bytes(screenshot)[:5000]
+    before = _invalid_argument_count(grounding_server)
+    with caplog.at_level(logging.WARNING, logger="agent_client"), \
+            GroundingClient(f"127.0.0.1:{grounding_server.port}", token=TOKEN, retries=5) as client:
+        with pytest.raises(InvalidRequest) as info:
+            client.ground(truncated, "click the Save button")
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert str(info.value).startswith("the server rejected the request: ") and "\n" not in str(info.value)
+    assert _invalid_argument_count(grounding_server) == before + 1  # exactly one attempt reached it
+    assert not [r for r in caplog.records if "retry" in r.getMessage()]
+
+
+@pytest.mark.parametrize("token, why", [(None, "no token given"), ("wrong-token", "a bad token")])
+def test_bad_token_is_not_retried(grounding_server, token, why, caplog):
+    with caplog.at_level(logging.WARNING, logger="agent_client"), \
+            GroundingClient(f"127.0.0.1:{grounding_server.port}", token=token, retries=5) as client:
+        with pytest.raises(AuthenticationError) as info:
+            client.ground(np.zeros((64, 64, 3), np.uint8), "click")
+    assert f"refused the request ({why})" in str(info.value) and "\n" not in str(info.value)
+    assert not caplog.records
+
+
+def test_stream_counts_and_session(pointing_server, screenshot):
+    other = screenshot[::-1].copy()
+    frames = [screenshot, screenshot, (other, "open the terminal"), screenshot, other]
+    with GroundingClient(f"127.0.0.1:{pointing_server.port}", token=TOKEN) as client:
+        results = list(client.stream(iter(frames), "click the Save button", session_id="agent-stream-1"))
+    assert len(results) + sum(r.skipped_frames for r in results) == len(frames)
+    assert {r.session_id for r in results} == {"agent-stream-1"}
+    sequences = [r.sequence for r in results]
+    assert sequences == sorted(sequences) and sequences[-1] == len(frames) and sequences[0] >= 1
+    assert all(r.point == pytest.approx((642.0, 222.6)) for r in results)
+
+
+def test_stream_surfaces_a_bad_frame(grounding_server, screenshot):
+    frames = [screenshot, np.zeros((4, 4, 3), np.float32)]
+    with GroundingClient(f"127.0.0.1:{grounding_server.port}", token=TOKEN) as client:
+        with pytest.raises(ValueError, match="uint8"):
+            list(client.stream(frames, "click the Save button"))
+
+
+def test_stream_with_a_bad_token(grounding_server, screenshot):
+    with GroundingClient(f"127.0.0.1:{grounding_server.port}", token="wrong-token") as client:
+        with pytest.raises(AuthenticationError, match="a bad token"):
+            list(client.stream([screenshot], "click the Save button"))

@@ -1,0 +1,65 @@
+"""ServiceConfig: flags over PIXELPRUNE_* environment over defaults; one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from service.config import MIB, ServiceConfig, env_name, from_args_and_env
+
+
+def test_defaults_are_the_documented_ones():
+    config = from_args_and_env([], {})
+    assert (config.port, config.metrics_port, config.host) == (50051, 9464, "0.0.0.0")
+    assert config.max_message_bytes == 64 * MIB and config.max_image_pixels == 50_000_000
+    assert (config.queue_size, config.session_ttl_s, config.vision_cache_size, config.drain_grace_s) == (16, 600.0, 32, 30.0)
+    assert (config.prune_enabled, config.prune_method, config.prune_metric, config.prune_tau) == (True, "pred2d", "max", 0.0)
+    assert config.redis_url is None and config.auth_token_file is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.port = 1
+
+
+def test_environment_fills_in_and_flags_win():
+    env = {"PIXELPRUNE_PORT": "6000", "PIXELPRUNE_QUEUE_SIZE": "3", "PIXELPRUNE_REDIS_URL": "redis://r:6379/1",
+           "PIXELPRUNE_PRUNE_TAU": "0.25", "PIXELPRUNE_NO_PRUNE": "true", "PIXELPRUNE_MODEL": "/ckpt"}
+    config = from_args_and_env(["--port", "7000", "--prune-method", "raster"], env)
+    assert config.port == 7000  # flag wins
+    assert (config.queue_size, config.redis_url, config.prune_tau, config.model) == (3, "redis://r:6379/1", 0.25, "/ckpt")
+    assert config.prune_method == "raster" and config.prune_enabled is False
+    assert from_args_and_env(["--no-prune"], {}).prune_enabled is False
+    assert from_args_and_env([], {"PIXELPRUNE_NO_PRUNE": "0"}).prune_enabled is True
+
+
+def test_env_names():
+    assert env_name("--max-message-bytes") == "PIXELPRUNE_MAX_MESSAGE_BYTES"
+
+
+@pytest.mark.parametrize("argv, env, fragment", [
+    (["--port", "70000"], {}, "--port must be in 0..65535"),
+    (["--queue-size", "0"], {}, "--queue-size must be >= 1"),
+    ([], {"PIXELPRUNE_QUEUE_SIZE": "many"}, "PIXELPRUNE_QUEUE_SIZE: cannot read 'many'"),
+    (["--prune-method", "zigzag"], {}, "--prune-method must be one of"),
+    (["--prune-metric", "mse"], {}, "--prune-metric must be one of"),
+    (["--prune-tau", "1.5"], {}, "--prune-tau must be in [0, 1]"),
+    (["--prune-tau", "nan"], {}, "--prune-tau must be in [0, 1]"),
+    (["--tls-cert", "/x.pem"], {}, "--tls-cert and --tls-key go together"),
+    (["--auth-token-file", "/nonexistent/token"], {}, "no such file"),
+    (["--redis-url", "http://x"], {}, "--redis-url must start with"),
+    ([], {"PIXELPRUNE_NO_PRUNE": "maybe"}, "not a boolean"),
+])
+def test_bad_settings_give_one_line_errors(argv, env, fragment):
+    with pytest.raises(ValueError) as info:
+        from_args_and_env(argv, env)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_auth_token_is_read_and_stripped(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    config = from_args_and_env(["--auth-token-file", str(token_file)], {})
+    assert config.auth_token() == "s3cret"
+    token_file.write_text("  \n")
+    with pytest.raises(ValueError, match="is empty"):
+        config.auth_token()
+    assert ServiceConfig().auth_token() is None

@@ -1,0 +1,121 @@
+"""The model worker (bounded queue, deadlines, cancellation) and the vision LRU, with real threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from service.cache import LRUCache, vision_key
+from service.errors import Cancelled, DeadlineExpired, QueueFull
+from service.worker import ModelWorker
+
+
+@pytest.fixture()
+def worker():
+    depths, waits = [], []
+    w = ModelWorker(queue_size=2, on_depth=depths.append, on_wait=waits.append)
+    w.depths, w.waits = depths, waits
+    yield w
+    w.stop(timeout=5)
+
+
+def _block(worker):
+    """Occupy the worker until the returned event is set; returns once the blocker is running."""
+    release, running = threading.Event(), threading.Event()
+    worker.submit(lambda: (running.set(), release.wait(10)))
+    assert running.wait(5)
+    return release
+
+
+def test_runs_in_order_and_reports_wait(worker):
+    order = []
+    futures = [worker.submit(lambda i=i: order.append(i) or i * 10) for i in range(2)]
+    assert [f.result(5).value for f in futures] == [0, 10]
+    assert order == [0, 1] and len(worker.waits) == 2 and all(w >= 0 for w in worker.waits)
+
+
+def test_full_queue_refuses_at_once(worker):
+    release = _block(worker)
+    worker.submit(lambda: 1), worker.submit(lambda: 2)
+    assert worker.depth == 2 and max(worker.depths) == 2
+    started = time.perf_counter()
+    with pytest.raises(QueueFull, match="2 requests already wait"):
+        worker.submit(lambda: 3)
+    assert time.perf_counter() - started < 0.1
+    release.set()
+
+
+def test_deadline_passed_in_queue_is_not_run(worker):
+    release = _block(worker)
+    ran = []
+    future = worker.submit(lambda: ran.append(1), deadline=time.monotonic() + 0.05)
+    time.sleep(0.1)
+    release.set()
+    with pytest.raises(DeadlineExpired, match="in the queue"):
+        future.result(5)
+    assert ran == [] and worker.skipped == 1
+
+
+def test_cancelled_request_is_not_run(worker):
+    release = _block(worker)
+    ran, active = [], [True]
+    future = worker.submit(lambda: ran.append(1), is_active=lambda: active[0])
+    active[0] = False
+    release.set()
+    with pytest.raises(Cancelled):
+        future.result(5)
+    assert ran == []
+
+
+def test_exceptions_reach_the_caller_and_the_worker_survives(worker):
+    def boom():
+        raise RuntimeError("bug")
+
+    with pytest.raises(RuntimeError, match="bug"):
+        worker.run(boom)
+    assert worker.run(lambda: 7).value == 7
+
+
+def test_stop_finishes_queued_work_and_refuses_new():
+    w = ModelWorker(queue_size=4)
+    results = [w.submit(lambda i=i: i) for i in range(3)]
+    w.stop(timeout=5)
+    assert [f.result(1).value for f in results] == [0, 1, 2]
+    with pytest.raises(QueueFull, match="shutting down"):
+        w.submit(lambda: 0)
+
+
+def test_lru_evicts_least_recently_used():
+    cache = LRUCache(2)
+    cache.put("a", 1), cache.put("b", 2)
+    assert cache.get("a") == 1  # a is now the most recent
+    cache.put("c", 3)
+    assert cache.get("b") is None and cache.get("a") == 1 and cache.get("c") == 3
+    assert (cache.hits, cache.misses, len(cache)) == (3, 1, 2)
+    off = LRUCache(0)
+    off.put("a", 1)
+    assert off.get("a") is None
+    with pytest.raises(ValueError):
+        LRUCache(-1)
+
+
+def test_lru_is_thread_safe():
+    cache = LRUCache(8)
+
+    def hammer(offset):
+        for i in range(2000):
+            cache.put((offset, i % 16), i)
+            cache.get((offset, (i + 3) % 16))
+
+    threads = [threading.Thread(target=hammer, args=(k,)) for k in range(4)]
+    [t.start() for t in threads], [t.join() for t in threads]
+    assert len(cache) == 8 and cache.hits + cache.misses == 8000
+
+
+def test_vision_key_separates_settings_and_sizes():
+    a = vision_key(b"d", (True, "pred2d", "max", 0.0), (64, 32))
+    assert a == vision_key(bytearray(b"d"), [True, "pred2d", "max", 0.0], [64, 32])
+    assert a != vision_key(b"d", (False, "pred2d", "max", 0.0), (64, 32))
+    assert a != vision_key(b"d", (True, "pred2d", "max", 0.0), (32, 64))
