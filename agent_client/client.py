@@ -318,7 +318,7 @@ class GroundingClient:
                 delay = min(self.backoff_max, self.backoff_initial * 2 ** attempt) * self._jitter.uniform(0.5, 1.0)
                 if time.monotonic() + delay >= deadline:
                     raise self._error(exc) from None
-                log.warning("Ground: server %s unavailable; retry %d of %d in %.2f s",
+                log.info("Ground: server %s unavailable; retry %d of %d in %.2f s",
                             self.target, attempt + 1, self.retries, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")  # the loop returns or raises

@@ -52,8 +52,8 @@ TEXT = {"num_hidden_layers": 8, "hidden_size": 1024, "intermediate_size": 3072, 
 def build_model(seed: int = 0) -> Qwen3VLForConditionalGeneration:
     """The mid-size Qwen3-VL: tiny's vocabulary and token ids, VISION/TEXT sizes, random weights."""
     config = json.loads(json.dumps(TINY_CONFIG))
-    config["vision_config"].update(VISION, out_hidden_size=TEXT["hidden_size"])
-    config["text_config"].update(TEXT)
+    config["vision_config"].update(json.loads(json.dumps(VISION)), out_hidden_size=TEXT["hidden_size"])
+    config["text_config"].update(json.loads(json.dumps(TEXT)))  # copies: the config class edits nested dicts
     torch.manual_seed(seed)
     return Qwen3VLForConditionalGeneration(Qwen3VLConfig(**config)).eval()
 

@@ -52,7 +52,7 @@ def block_hashes(pixels: np.ndarray) -> np.ndarray:
 
     Each block is read as 384 uint64 words; every word is mixed (xor-shift) and
     multiplied by a fixed odd constant for its position, the products are summed
-    with wrapping arithmetic and the sum is finalised. Depends only on the block's
+    with wrapping arithmetic, offset by a constant and finalised. Depends only on the block's
     bytes, so equal blocks give equal hashes wherever they are."""
     check_block_pixels(pixels)
     height, width = pixels.shape[:2]
@@ -65,7 +65,7 @@ def block_hashes(pixels: np.ndarray) -> np.ndarray:
         mixed *= _MULTIPLIERS
         # Rows first (contiguous adds), then the 12 words of each block row.
         summed = mixed.sum(axis=1, dtype=np.uint64).sum(axis=-1, dtype=np.uint64)
-        return _finalise(summed)
+        return _finalise(summed + np.uint64(_SEED))
 
 
 def frame_digest(pixels: np.ndarray) -> bytes:

@@ -66,8 +66,9 @@ class PrunedQwen3VL:
     """Pixel-pruned inference for one loaded Qwen3VLForConditionalGeneration instance.
 
     `config` is a `pixelprune.engine.PruneSettings` (enabled, method, metric, tau) used when
-    no `keep` masks are given; None means the default settings. The model is not modified:
-    two wrappers with different settings may share a process (or even a model).
+    no `keep` masks are given; None means the default settings (lossless pred2d). No class
+    is modified: two wrappers with different settings may share a process. The only model
+    state written is the instance's own `model.model.rope_deltas`, as the stock forward does.
     """
 
     def __init__(self, model: Any, config: Any = None):
@@ -99,7 +100,6 @@ class PrunedQwen3VL:
                 for img in images]
 
     # ------------------------------------------------------------------ vision
-    @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
                       keep: list[np.ndarray] | np.ndarray) -> VisionFeatures:
         """Run the ViT on the kept patches only, with the full grid's positions.
@@ -110,7 +110,8 @@ class PrunedQwen3VL:
         grid's rows gathered at the kept patches; `cu_seqlens` has one segment of kept
         patches per image (and `max_seqlen` for flash-attention); the output is split
         by kept blocks, not by `grid.prod()//4`. `pixel_values` may hold all rows of the
-        processor output or only the kept blocks' rows (4 per block)."""
+        processor output or only the kept blocks' rows (4 per block). Runs under the caller's
+        grad mode, like the stock model (wrap in torch.inference_mode() to serve)."""
         grids = _grid_list(image_grid_thw)
         masks = _validate_keep(keep, grids)
         kept = [int(m.sum()) for m in masks]
@@ -207,8 +208,9 @@ class PrunedQwen3VL:
         `generation/utils.py:2885`), and each decode step takes last position + 1
         (`generation/utils.py:1264-1276`), i.e. continues from the full image's positions.
         `mm_encoder_outputs` is dropped after prefill like pixel_values. On the pruned path
-        the returned sequences start with the pruned prompt: new tokens are
-        `sequences[:, prepared.model_kwargs["input_ids"].shape[1]:]` (see `prepare`)."""
+        the returned sequences start with the PRUNED prompt, so the new tokens are
+        `sequences[:, L:]` with L = `self.prepare(...).model_kwargs["input_ids"].shape[1]`
+        (for batch 1: full prompt length - pruned blocks)."""
         _check_kwargs(generate_kwargs)
         prepared = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
                                 keep=keep, vision=vision)

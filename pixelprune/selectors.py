@@ -82,10 +82,10 @@ def _exact_mask(pixels: np.ndarray, method: str) -> np.ndarray:
     words = pixels.reshape(height, width * 3).view(np.uint64)
     # right[r, c]: block (r, c) == (r, c+1); down[r, c]: block (r, c) == (r+1, c).
     differ = words[:, _ROW_WORDS:] != words[:, :-_ROW_WORDS]
-    differ = differ.reshape(rows, BLOCK_SIZE, -1).any(axis=1)
+    differ = differ.reshape(rows, BLOCK_SIZE, (cols - 1) * _ROW_WORDS).any(axis=1)
     right = ~differ.reshape(rows, cols - 1, _ROW_WORDS).any(axis=-1)
     bands = words.reshape(rows, -1)
-    differ = (bands[1:] != bands[:-1]).reshape(rows - 1, BLOCK_SIZE, -1).any(axis=1)
+    differ = (bands[1:] != bands[:-1]).reshape(rows - 1, BLOCK_SIZE, cols * _ROW_WORDS).any(axis=1)
     down = ~differ.reshape(rows - 1, cols, _ROW_WORDS).any(axis=-1)
     keep = np.zeros((rows, cols), dtype=bool)
     if method == "pred2d":

@@ -57,11 +57,12 @@ def select_blocks_torch(pixels: torch.Tensor, method: str = "pred2d", metric: st
 def _exact_mask(pixels: torch.Tensor, method: str, rows: int, cols: int) -> torch.Tensor:
     """Vectorised exact selection from the equalities of adjacent blocks."""
     height = rows * BLOCK_SIZE
-    words = pixels.view(height, -1).view(torch.int64)
-    differ = (words[:, _ROW_WORDS:] != words[:, :-_ROW_WORDS]).view(rows, BLOCK_SIZE, -1).any(dim=1)
+    words = pixels.view(height, cols * _ROW_BYTES).view(torch.int64)
+    differ = words[:, _ROW_WORDS:] != words[:, :-_ROW_WORDS]
+    differ = differ.reshape(rows, BLOCK_SIZE, (cols - 1) * _ROW_WORDS).any(dim=1)
     right = ~differ.view(rows, cols - 1, _ROW_WORDS).any(dim=-1)  # (r, c) == (r, c+1)
     bands = words.reshape(rows, -1)
-    differ = (bands[1:] != bands[:-1]).view(rows - 1, BLOCK_SIZE, -1).any(dim=1)
+    differ = (bands[1:] != bands[:-1]).reshape(rows - 1, BLOCK_SIZE, cols * _ROW_WORDS).any(dim=1)
     down = ~differ.view(rows - 1, cols, _ROW_WORDS).any(dim=-1)  # (r, c) == (r+1, c)
     keep = torch.zeros((rows, cols), dtype=torch.bool, device=pixels.device)
     if method == "pred2d":

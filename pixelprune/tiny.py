@@ -62,10 +62,9 @@ TINY_CONFIG: dict = {
     },
 }
 
-# Qwen3-VL's released preprocessor values; the class defaults are Qwen2-VL's (patch 14, CLIP mean/std).
+# Qwen3-VL's released preprocessor values (Qwen2VLImageProcessorPil arguments); the class
+# defaults are Qwen2-VL's (patch 14, CLIP mean/std), so every value is given.
 PREPROCESSOR_CONFIG: dict = {
-    "image_processor_type": "Qwen2VLImageProcessorPil",
-    "processor_class": "Qwen3VLProcessor",
     "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
     "do_convert_rgb": True, "resample": 3,  # bicubic
     "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
@@ -108,9 +107,8 @@ Settings, Preferences, Help, About, Cancel, Apply, OK, Next, Back, Finish, Delet
 def _build_tokenizer():
     """Train a 512-token byte-level BPE on `_BPE_TEXT` and wrap it as a Qwen2Tokenizer with
     the special tokens at SPECIAL_BASE + index (Qwen's order)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
-    from tokenizers import Regex
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
@@ -144,13 +142,12 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-    if int(seed) != seed or seed < 0:
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = Qwen3VLConfig(**json.loads(json.dumps(TINY_CONFIG)))
-    devnull_rng = torch.random.fork_rng()  # do not disturb the caller's global RNG
-    with devnull_rng:
+    with torch.random.fork_rng():  # leave the caller's global RNG as it was
         torch.manual_seed(seed)
         model = Qwen3VLForConditionalGeneration(config).eval()
     model.generation_config = GenerationConfig(
@@ -159,9 +156,7 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
 
     _build_tokenizer().save_pretrained(out)
-    image_processor = Qwen2VLImageProcessorPil(**{k: v for k, v in PREPROCESSOR_CONFIG.items()
-                                                  if k not in ("image_processor_type", "processor_class")})
-    image_processor.save_pretrained(out)
+    Qwen2VLImageProcessorPil(**PREPROCESSOR_CONFIG).save_pretrained(out)
     Qwen3VLVideoProcessor().save_pretrained(out)  # Qwen3-VL's defaults; videos need torchvision
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen3VLProcessor"}, indent=2) + "\n")

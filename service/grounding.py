@@ -3,7 +3,7 @@
     source digest -> session lookup -> (same bytes, instruction, settings: answer from the session)
     -> decode -> prepare (resize, select, patchify) -> block hashes + frame digest
     -> changed fraction vs the previous frame -> (same pixels, instruction, settings: from the session)
-    -> vision cache (same pixels and settings: skip the ViT) -> engine.ground on the model worker
+    -> on the model worker: vision cache (same pixels and settings: skip the ViT) -> engine.ground
     -> save the session -> GroundAnswer
 
 Everything before the model step runs on the calling RPC thread, so the single
@@ -163,15 +163,12 @@ class Grounder:
         if (self._same_request(previous, query.instruction, key) and previous.frame_digest == digest
                 and previous.original_size == prepared.original_size):
             return self._from_session(query, previous, src, arrival, decode_s)
-        vkey = vision_key(digest, key, prepared.resized_size)
-        vision = self.vision_cache.get(vkey)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExpired("deadline expired before the model ran")
-        job = self.worker.run(lambda: self._model_step(prepared, query.instruction, vision),
+        vkey = vision_key(digest, key, prepared.resized_size)
+        job = self.worker.run(lambda: self._model_step(prepared, query.instruction, vkey),
                               deadline=deadline, is_active=is_active)
         output, started = job.value
-        if vision is None:
-            self.vision_cache.put(vkey, output.vision)
         answer = CachedAnswer(raw_text=output.raw_text, point=output.point, point_normalized=output.point_normalized,
                               kept_blocks=output.kept_blocks, total_blocks=output.total_blocks)
         if query.session_id:
@@ -183,20 +180,26 @@ class Grounder:
         prep_s = sum(prepared.timings.values())
         ttft_s = (started - arrival) + output.timings["ttft"] - prep_s
         timings = {**output.timings, "decode": decode_s, "queue": job.queue_wait_s, "ttft": ttft_s}
-        self.metrics.record_stages(timings)
+        self.metrics.record_stages({k: v for k, v in timings.items() if k != "vit" or not output.vision_reused})
         self.metrics.record_model_run(output.kept_blocks, output.total_blocks, output.kv_cache_bytes, ttft_s)
         return self._answer(query, answer, changed, False, output.vision_reused, prepared.original_size,
                             prepared.resized_size, timings, arrival)
 
-    def _model_step(self, prepared, instruction: str, vision):
-        """Runs on the model worker: the engine's ViT (unless reused), prefill and decoding."""
+    def _model_step(self, prepared, instruction: str, vkey: tuple):
+        """Runs on the model worker: the engine's ViT (unless cached), prefill and decoding.
+
+        The vision cache is read here, not on the RPC thread, so that of several requests
+        queued on one new frame only the first runs the ViT."""
         started = time.perf_counter()
+        vision = self.vision_cache.get(vkey)
         estimate = self._kv_per_token * (prepared.kept_blocks + self._prompt_text_tokens)
         self.metrics.set_kv_in_use(estimate)
         try:
             output = self.engine.ground(prepared, instruction, vision=vision)
         finally:
             self.metrics.set_kv_in_use(0)
+        if vision is None:
+            self.vision_cache.put(vkey, output.vision)
         if self._kv_per_token:
             self._prompt_text_tokens = max(0, output.kv_cache_bytes // self._kv_per_token - output.kept_blocks)
         return output, started

@@ -57,6 +57,8 @@ class ServiceMetrics:
         self.redis_errors = Counter("pixelprune_redis_errors_total", "Failed Redis operations.", registry=r)
         for stage in STAGES:  # export every series from the start, so dashboards show zeros, not gaps
             self.stage_duration.labels(stage=stage)
+        for rpc in ("Ground", "GroundStream"):
+            self.request_duration.labels(rpc=rpc, code="OK")
         for kind in ("kept", "pruned"):
             self.visual_tokens.labels(kind=kind)
         self._in_use_lock = threading.Lock()

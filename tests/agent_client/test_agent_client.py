@@ -33,9 +33,10 @@ def decoded(image: pb.Image) -> np.ndarray:
 
 
 def comparable(result: GroundResult) -> dict:
-    """What must not depend on how the image was sent (timings and session ids do)."""
+    """What must not depend on how the image was sent (timings, session ids and the
+    server's vision cache do)."""
     d = result.to_json_dict()
-    for key in ("timings", "ttft_ms", "session_id"):
+    for key in ("timings", "ttft_ms", "session_id", "vision_cache_hit"):
         d.pop(key)
     return d
 
@@ -142,6 +143,8 @@ def test_every_input_type_gives_the_same_answer(pointing_server, screenshot, tmp
                    for image in (path, path.read_bytes(), Image.open(path), screenshot)]
     for r in results[1:]:
         assert comparable(r) == comparable(results[0])
+        # the server keys its vision cache by pixel content: a hit proves identical pixels arrived
+        assert r.vision_cache_hit
     r = results[0]
     h, w = smart_resize(700, 1000)
     keep = select_blocks(resize_to(screenshot, h, w))
@@ -180,7 +183,7 @@ def test_retries_unavailable_until_the_server_is_up(tiny_checkpoint, tiny_engine
     thread = threading.Thread(target=start_later)
     thread.start()
     try:
-        with caplog.at_level(logging.WARNING, logger="agent_client"), \
+        with caplog.at_level(logging.INFO, logger="agent_client"), \
                 GroundingClient(f"127.0.0.1:{port}", token=TOKEN, retries=10, backoff_initial=0.2,
                                 backoff_max=1.0, timeout=120) as client:
             result = client.ground(screenshot, "click the Save button")
@@ -197,7 +200,7 @@ def test_retries_unavailable_until_the_server_is_up(tiny_checkpoint, tiny_engine
 
 def test_unreachable_server_gives_up_with_one_line(caplog):
     port = free_port()
-    with caplog.at_level(logging.WARNING, logger="agent_client"), \
+    with caplog.at_level(logging.INFO, logger="agent_client"), \
             GroundingClient(f"127.0.0.1:{port}", retries=2, backoff_initial=0.05, timeout=20) as client:
         with pytest.raises(ServerUnavailable) as info:
             client.ground(np.zeros((64, 64, 3), np.uint8), "click")
@@ -216,7 +219,7 @@ def _invalid_argument_count(handle) -> float:
 def test_invalid_argument_is_not_retried(grounding_server, screenshot, caplog):
     truncated = png_bytes(screenshot)[:5000]
     before = _invalid_argument_count(grounding_server)
-    with caplog.at_level(logging.WARNING, logger="agent_client"), \
+    with caplog.at_level(logging.INFO, logger="agent_client"), \
             GroundingClient(f"127.0.0.1:{grounding_server.port}", token=TOKEN, retries=5) as client:
         with pytest.raises(InvalidRequest) as info:
             client.ground(truncated, "click the Save button")
@@ -228,7 +231,7 @@ def test_invalid_argument_is_not_retried(grounding_server, screenshot, caplog):
 
 @pytest.mark.parametrize("token, why", [(None, "no token given"), ("wrong-token", "a bad token")])
 def test_bad_token_is_not_retried(grounding_server, token, why, caplog):
-    with caplog.at_level(logging.WARNING, logger="agent_client"), \
+    with caplog.at_level(logging.INFO, logger="agent_client"), \
             GroundingClient(f"127.0.0.1:{grounding_server.port}", token=token, retries=5) as client:
         with pytest.raises(AuthenticationError) as info:
             client.ground(np.zeros((64, 64, 3), np.uint8), "click")

@@ -111,6 +111,14 @@ def test_ports_and_probes_match_the_service(overlay):
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
 
 
+def test_service_links_cannot_shadow_settings(overlay):
+    """A Service named `pixelprune` would inject PIXELPRUNE_PORT=tcp://<ip>:50051 into the pod."""
+    _, objects = overlay
+    pod = one(objects, "Deployment", "pixelprune")["spec"]["template"]["spec"]
+    assert pod["enableServiceLinks"] is False
+    assert one(objects, "Service", "pixelprune")
+
+
 def test_health_and_reflection_need_no_token():
     """Kubelet's gRPC probe sends no metadata: the auth interceptor must let health through."""
     from service.errors import OPEN_SERVICE_PREFIXES

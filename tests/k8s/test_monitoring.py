@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from k8s_metrics import CONTRACT, from_contract, from_exposition, live_server_available, scrape_live_server
-from k8s_tools import (K8S, grafana_to_promql, kustomize, one, promql_identifiers, promql_label_names,
-                       require_tool)
+from k8s_tools import (K8S, PROMQL_FUNCTIONS, grafana_to_promql, kustomize, one, promql_identifiers,
+                       promql_label_names, require_tool)
 
 DASHBOARD = K8S / "grafana" / "dashboard.json"
 # Series Prometheus itself makes for every scrape target (not exported by the service).
@@ -119,8 +119,6 @@ def test_promql_helpers_find_names_and_labels():
 
 
 def test_functions_are_promql_functions(rules, dashboard):
-    from k8s_tools import PROMQL_FUNCTIONS
-
     for where, expr in all_queries(rules, dashboard):
         unknown = promql_identifiers(expr)[1] - PROMQL_FUNCTIONS
         assert not unknown, f"{where}: unknown functions {unknown}"

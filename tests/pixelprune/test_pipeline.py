@@ -132,3 +132,23 @@ def test_bad_input_gives_value_errors(processor, web_page):
                 PruneSettings(tau=float("nan")), PruneSettings(enabled="yes")):
         with pytest.raises(ValueError):
             build_inputs(processor, [web_page], user_message("x"), bad)
+
+
+def test_inputs_feed_the_adapter_like_the_processors_full_rows(processor, tiny_checkpoint, screenshot):
+    """The pipeline's kept rows give the adapter the same logits as the processor's full rows
+    with the same keep mask (the adapter gathers the kept rows itself in that case)."""
+    from transformers import AutoModelForImageTextToText
+
+    from pixelprune.qwen3_vl import PrunedQwen3VL
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint).eval()
+    adapter = PrunedQwen3VL(model)
+    messages = user_message("Click the Home icon.")
+    ours = build_inputs(processor, [screenshot], messages, PruneSettings())
+    ref = stock(processor, [screenshot], messages)
+    with torch.inference_mode():
+        a = adapter(**ours.inputs, keep=list(ours.keep)).logits
+        b = adapter(**ref, keep=list(ours.keep)).logits
+    kept_len = ref["input_ids"].shape[1] - (ours.images[0].total - ours.images[0].kept)
+    assert a.shape == (1, kept_len, model.config.text_config.vocab_size)
+    assert torch.equal(a, b)

@@ -1,0 +1,187 @@
+"""`pixelprune-agent ground` and `live` as processes, against real servers and a real
+two-monitor Xvfb."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from agent_client.capture import ScreenCapture
+from agent_testlib import MONITOR_2, TOKEN, agent_command, free_port, on_display
+
+POINT_2 = (0.642 * MONITOR_2.width, 0.318 * MONITOR_2.height)  # the pointing model's answer on monitor 2
+
+
+def agent(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(agent_command() + list(args), capture_output=True, text=True, timeout=timeout,
+                          env=env if env is not None else dict(os.environ))
+
+
+def connection(server, token_file) -> list[str]:
+    return ["--target", f"127.0.0.1:{server.port}", "--token-file", str(token_file)]
+
+
+@pytest.fixture(scope="module")
+def screenshot_png(screenshot, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "shot.png"
+    Image.fromarray(screenshot).save(path)
+    return path
+
+
+def one_line_error(done: subprocess.CompletedProcess, prefix: str) -> str:
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    message = done.stderr.strip()
+    assert "\n" not in message and "Traceback" not in message, done.stderr
+    assert message.startswith(prefix), message
+    return message
+
+
+# --- ground ----------------------------------------------------------------------------
+
+
+def test_ground_json(pointing_server, token_file, screenshot_png):
+    done = agent("ground", *connection(pointing_server, token_file), str(screenshot_png),
+                 "click the Save button", "--json", "--session", "cli-ground-1")
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    for key in ("point", "retain_ratio", "kept_blocks", "total_blocks", "cache_hit", "changed_fraction", "ttft_ms"):
+        assert key in answer
+    assert answer["point"] == pytest.approx({"x": 642.0, "y": 222.6})  # "(642, 318)" of a 1000x700 image
+    assert (answer["kept_blocks"], answer["total_blocks"]) == (540, 682)
+    assert answer["retain_ratio"] == pytest.approx(540 / 682)
+    assert answer["changed_fraction"] == 1.0 and answer["cache_hit"] is False and answer["ttft_ms"] > 0
+    assert answer["random_weights"] is True and answer["session_id"] == "cli-ground-1"
+    again = json.loads(agent("ground", *connection(pointing_server, token_file), str(screenshot_png),
+                             "click the Save button", "--json", "--session", "cli-ground-1").stdout)
+    assert again["cache_hit"] is True and again["changed_fraction"] == 0.0 and again["point"] == answer["point"]
+
+
+def test_ground_readable_line_says_random_weights(grounding_server, token_file, screenshot_png):
+    done = agent("ground", *connection(grounding_server, token_file), str(screenshot_png), "open the terminal",
+                 "--no-prune")
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip()
+    assert "\n" not in line
+    assert line.startswith("no point in the answer")  # the plain tiny checkpoint answers blanks
+    assert "retain 100.0% (682/682 blocks)" in line and "RANDOM WEIGHTS" in line
+
+
+def test_ground_unreachable_server(screenshot_png):
+    done = agent("ground", "--target", f"127.0.0.1:{free_port()}", str(screenshot_png), "click")
+    one_line_error(done, "pixelprune-agent ground: error: cannot reach the grounding server at 127.0.0.1:")
+
+
+def test_ground_bad_token(grounding_server, screenshot_png, tmp_path):
+    bad = tmp_path / "bad-token"
+    bad.write_text("not-the-token\n")
+    done = agent("ground", "--target", f"127.0.0.1:{grounding_server.port}", "--token-file", str(bad),
+                 str(screenshot_png), "click")
+    one_line_error(done, "pixelprune-agent ground: error: the server at")
+    assert "(a bad token)" in done.stderr
+    done = agent("ground", "--target", f"127.0.0.1:{grounding_server.port}", str(screenshot_png), "click")
+    assert "(no token given)" in one_line_error(done, "pixelprune-agent ground: error:")
+
+
+def test_ground_missing_file(grounding_server, token_file, tmp_path):
+    done = agent("ground", *connection(grounding_server, token_file), str(tmp_path / "nope.png"), "click")
+    assert "nope.png" in one_line_error(done, "pixelprune-agent ground: error:")
+
+
+# --- live ------------------------------------------------------------------------------
+
+
+def blocks_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per 32x32 block: are the block interiors (away from grid lines) identical?"""
+    h, w = a.shape[0] // 32, a.shape[1] // 32
+    inner = lambda img: img.reshape(h, 32, w, 32, 3)[:, 3:29, :, 3:29]  # noqa: E731
+    return (inner(a) == inner(b)).all(axis=(1, 3, 4))
+
+
+def test_live_on_monitor_two(pointing_server, token_file, xvfb, test_window, tmp_path):
+    from pixelprune.selectors import select_blocks
+
+    out = tmp_path / "annotated"
+    frames = 3
+    done = agent("live", *connection(pointing_server, token_file), "--instruction", "click the Save button",
+                 "--monitor", "2", "--fps", "2", "--frames", str(frames), "--click", "--annotate", str(out),
+                 "--json", env=xvfb.env())
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(answers) >= 1
+    assert len(answers) + sum(a["skipped_frames"] for a in answers) == frames
+    assert f"frames sent {frames}, answers {len(answers)}" in done.stderr
+    assert len({a["session_id"] for a in answers}) == 1
+    assert [a["sequence"] for a in answers][-1] == frames
+
+    with on_display(xvfb.display), ScreenCapture(2) as capture:
+        screen = capture.grab().pixels  # the screen is static: what live captured
+    keep = select_blocks(screen)
+    for a in answers:
+        assert a["monitor"] == {"index": 2, "left": 1280, "top": 128, "width": 1280, "height": 768}
+        assert a["frame_size"] == {"width": 1280, "height": 768}
+        # the server saw monitor 2's pixels: its block count is the one of this capture
+        assert (a["kept_blocks"], a["total_blocks"]) == (int(keep.sum()), keep.size)
+        x, y = a["point"]["x"], a["point"]["y"]
+        assert (x, y) == pytest.approx(POINT_2)
+        # the mapping, from the answer's own frame point and monitor 2's offset (scale 1 on X11)
+        assert (a["global_point"]["x"], a["global_point"]["y"]) == (1280 + x, 128 + y)
+        assert (a["click"]["x"], a["click"]["y"]) == (math.floor(1280 + x), math.floor(128 + y))
+        assert a["clicked"] is True
+
+        image = np.asarray(Image.open(a["annotation"]).convert("RGB"))
+        assert image.shape == screen.shape  # 1280x768 needs no resize
+        same = blocks_equal(image, screen)
+        # kept blocks drawn as they are, pruned ones dimmed; the label box and the
+        # point marker cover a few blocks
+        assert (same != keep).sum() <= 0.05 * keep.size
+        marker = image[int(y) - 1:int(y) + 2, int(x) - 1:int(x) + 2].reshape(-1, 3)
+        assert any(tuple(p) == (230, 30, 40) for p in marker)
+    assert sorted(p.name for p in out.iterdir()) == [f"frame-{a['sequence']:06d}.png" for a in answers]
+
+    location = dict(line.split("=", 1) for line in xvfb.run("xdotool", "getmouselocation", "--shell").split())
+    last = answers[-1]["click"]
+    assert (int(location["X"]), int(location["Y"])) == (last["x"], last["y"])
+
+
+def test_live_readable_lines(pointing_server, token_file, xvfb, test_window):
+    done = agent("live", *connection(pointing_server, token_file), "--instruction", "click the Save button",
+                 "--monitor", "2", "--frames", "1", env=xvfb.env())
+    assert done.returncode == 0, done.stderr
+    x, y = POINT_2
+    assert done.stdout.startswith(f"frame 1: point ({x:.1f}, {y:.1f}) px -> global ({1280 + x:.1f}, "
+                                  f"{128 + y:.1f}) click ({math.floor(1280 + x)}, {math.floor(128 + y)}) | retain ")
+    assert "skipped 0" in done.stdout and "clicked" not in done.stdout
+    assert "RANDOM WEIGHTS" in done.stderr
+
+
+def test_live_missing_display(grounding_server, token_file):
+    env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
+    done = agent("live", *connection(grounding_server, token_file), "--instruction", "x", env=env)
+    one_line_error(done, "pixelprune-agent live: error: no X display: DISPLAY is not set")
+
+
+def test_live_unreachable_server(xvfb):
+    done = agent("live", "--target", f"127.0.0.1:{free_port()}", "--instruction", "x", "--frames", "2",
+                 env=xvfb.env())
+    one_line_error(done, "pixelprune-agent live: error: cannot reach the grounding server at 127.0.0.1:")
+
+
+def test_live_bad_token(grounding_server, xvfb, tmp_path):
+    bad = tmp_path / "bad-token"
+    bad.write_text("nope\n")
+    done = agent("live", "--target", f"127.0.0.1:{grounding_server.port}", "--token-file", str(bad),
+                 "--instruction", "x", "--frames", "2", env=xvfb.env())
+    assert "(a bad token)" in one_line_error(done, "pixelprune-agent live: error: the server at")
+
+
+def test_live_unknown_monitor(grounding_server, token_file, xvfb):
+    done = agent("live", *connection(grounding_server, token_file), "--instruction", "x", "--monitor", "7",
+                 env=xvfb.env())
+    one_line_error(done, "pixelprune-agent live: error: no monitor 7; available: 0: 2560x1024+0+0")

@@ -1,0 +1,280 @@
+"""Operating the server: malformed input, overload, deadlines, cancellation, auth, health, SIGTERM, metrics."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from pixelprune.grounding.v1 import grounding_pb2 as pb
+from tests.conftest import free_port
+from tests.service.conftest import png_bytes, raw_image, scrape, stub_for
+
+SERVICE = "pixelprune.grounding.v1.Grounding"
+
+
+@pytest.fixture(scope="module")
+def small() -> np.ndarray:
+    rng = np.random.default_rng(1)
+    pixels = np.full((256, 256, 3), 230, np.uint8)
+    pixels[64:128, 32:224] = rng.integers(0, 256, size=(64, 192, 3), dtype=np.uint8)
+    return pixels
+
+
+def _hold_worker(handle):
+    """Occupy the model worker with a job that waits; returns the event that releases it."""
+    release, running = threading.Event(), threading.Event()
+    handle.worker.submit(lambda: (running.set(), release.wait(60)))
+    assert running.wait(10)
+    return release
+
+
+def _wait_until(predicate, timeout=20.0):
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def _code(fn):
+    try:
+        fn()
+        return grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        return exc.code()
+
+
+def _truncated_png() -> bytes:
+    data = png_bytes(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    return data[: len(data) // 2]
+
+
+_bad_images = st.one_of(
+    st.just(pb.Image()),
+    st.binary(max_size=256).map(lambda b: pb.Image(encoded=b)),
+    st.just(pb.Image(encoded=_truncated_png())),
+    st.tuples(st.integers(0, 3000), st.integers(0, 3000), st.integers(0, 512))
+      .filter(lambda t: t[0] * t[1] * 3 != t[2] or t[0] * t[1] == 0)
+      .map(lambda t: pb.Image(raw=pb.RawImage(width=t[0], height=t[1], rgb=bytes(t[2])))),
+)
+_pruning = st.one_of(st.none(), st.builds(
+    lambda m, k, tau, d: pb.PruningSettings(method=m, metric=k, disabled=d, **({} if tau is None else {"tau": tau})),
+    st.integers(0, 9), st.integers(0, 9), st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True,
+                                                                            width=32)), st.booleans()))
+_requests = st.builds(
+    lambda image, instruction, session, pruning: pb.GroundRequest(image=image, instruction=instruction,
+                                                                  session_id=session, pruning=pruning),
+    _bad_images, st.one_of(st.text(max_size=40), st.just(""), st.just(" \n"), st.just("x" * 5000)),
+    st.one_of(st.just(""), st.text(max_size=140)), _pruning)
+
+
+def test_malformed_requests_get_invalid_argument_and_never_crash(make_server, channels, small):
+    handle, counting = make_server()
+    stub = stub_for(channels(handle.port))
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(request=_requests)
+    def check(request):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Ground(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert info.value.details() and "\n" not in info.value.details()
+
+    check()
+    assert counting.grounded == []  # nothing malformed reached the model
+    ok = stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="still alive"), timeout=60)
+    assert ok.total_blocks == 64
+
+
+def test_message_larger_than_the_limit_is_refused(make_server, channels):
+    handle, _ = make_server(max_message_bytes=64 * 1024)
+    code = _code(lambda: stub_for(channels(handle.port)).Ground(
+        pb.GroundRequest(image=pb.Image(encoded=bytes(100_000)), instruction="x"), timeout=30))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_many_concurrent_clients(make_server, channels, small):
+    handle, counting = make_server(queue_size=16)
+    instructions = [f"item {k % 3}" for k in range(12)]
+
+    def one(k):
+        stub = stub_for(channels(handle.port))
+        return stub.Ground(pb.GroundRequest(image=raw_image(small), instruction=instructions[k],
+                                            session_id=f"client-{k}"), timeout=120)
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(one, range(12)))
+    by_instruction = {}
+    for instruction, answer in zip(instructions, answers):
+        by_instruction.setdefault(instruction, set()).add(answer.raw_answer)
+    assert all(len(texts) == 1 for texts in by_instruction.values())  # same input, same answer
+    assert len(counting.grounded) == 12
+    assert sum(a.vision_cache_hit for a in answers) == 11  # one ViT run: the rest reuse it on the worker
+
+
+def test_full_queue_answers_resource_exhausted_at_once(make_server, channels, small):
+    handle, counting = make_server(queue_size=1)
+    stub = stub_for(channels(handle.port))
+    release = _hold_worker(handle)
+    futures = [stub.Ground.future(pb.GroundRequest(image=raw_image(small), instruction=f"q{k}"), timeout=60)
+               for k in range(4)]
+    _wait_until(lambda: sum(f.done() for f in futures) == 3)  # three refused while the model is held
+    release.set()
+    codes = sorted((_code(f.result) for f in futures), key=lambda c: c.name)
+    assert codes == [grpc.StatusCode.OK] + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
+    assert len(counting.grounded) == 1
+    refused = [f for f in futures if f.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert all("1 requests already wait for the model" in f.details() for f in refused)
+
+
+def test_deadline_expired_while_queued_is_not_run(make_server, channels, small):
+    handle, counting = make_server()
+    stub = stub_for(channels(handle.port))
+    release = _hold_worker(handle)
+    code = _code(lambda: stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="too late"), timeout=1.0))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    release.set()
+    _wait_until(lambda: handle.worker.skipped == 1 and handle.worker.depth == 0)
+    assert "too late" not in counting.grounded
+
+
+def test_cancelled_request_is_not_run(make_server, channels, small):
+    handle, counting = make_server()
+    stub = stub_for(channels(handle.port))
+    release = _hold_worker(handle)
+    future = stub.Ground.future(pb.GroundRequest(image=raw_image(small), instruction="never mind"), timeout=60)
+    _wait_until(lambda: handle.worker.depth == 1)
+    assert future.cancel()
+    time.sleep(0.2)  # the server sees the cancellation
+    release.set()
+    _wait_until(lambda: handle.worker.skipped == 1 and handle.worker.depth == 0)
+    assert "never mind" not in counting.grounded
+
+
+def test_auth(make_server, channels, tmp_path, small):
+    token_file = tmp_path / "token"
+    token_file.write_text("let-me-in\n")
+    handle, _ = make_server(auth_token_file=str(token_file))
+    channel = channels(handle.port)
+    stub = stub_for(channel)
+    request = pb.GroundRequest(image=raw_image(small), instruction="x")
+    assert _code(lambda: stub.Ground(request)) == grpc.StatusCode.UNAUTHENTICATED
+    wrong = [("authorization", "Bearer let-me-out")]
+    assert _code(lambda: stub.Ground(request, metadata=wrong)) == grpc.StatusCode.UNAUTHENTICATED
+    assert _code(lambda: list(stub.GroundStream(iter([pb.Frame(instruction="x")])))) == \
+        grpc.StatusCode.UNAUTHENTICATED
+    right = [("authorization", "Bearer let-me-in")]
+    assert stub.Ground(request, metadata=right, timeout=60).total_blocks == 64
+    health = health_pb2_grpc.HealthStub(channel)  # probes need no token
+    assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_health_transitions_and_reflection(make_server, channels):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    handle, _ = make_server(warmup=False)
+    channel = channels(handle.port)
+    health = health_pb2_grpc.HealthStub(channel)
+    status = lambda name: health.Check(health_pb2.HealthCheckRequest(service=name)).status  # noqa: E731
+    assert status("") == status(SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
+    handle.warmup()
+    assert status("") == status(SERVICE) == health_pb2.HealthCheckResponse.SERVING
+    handle.drain()
+    assert status("") == status(SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
+    services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {SERVICE, "grpc.health.v1.Health"} <= services
+
+
+def test_sigterm_drains_in_flight_requests(tiny_checkpoint, corpus_dir, channels, tmp_path):
+    port, metrics_port = free_port(), free_port()
+    env = {**os.environ, "PIXELPRUNE_MAX_NEW_TOKENS": "4", "PIXELPRUNE_DEVICE": "cpu"}
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "pixelprune.cli", "serve", "--model", str(tiny_checkpoint),
+                             "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        channel = channels(port)
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def serving():
+            try:
+                return health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                    health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError:
+                return False
+
+        _wait_until(serving, timeout=120)
+        data = (corpus_dir / "desktop_pcmanfm_xterm_mousepad_1920x1080.png").read_bytes()
+        stub = stub_for(channel)
+        futures = [stub.Ground.future(pb.GroundRequest(image=pb.Image(encoded=data), instruction=f"q{k}"),
+                                      timeout=300) for k in range(2)]
+        _wait_until(lambda: scrape(metrics_port).get("pixelprune_queue_depth") == 1, timeout=60)
+        proc.send_signal(signal.SIGTERM)  # one request runs, one waits: both must be answered
+        answers = [f.result() for f in futures]
+        assert all(a.total_blocks == 60 * 34 for a in answers)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log.seek(0)
+    text = log.read()
+    assert "RANDOM WEIGHTS" in text and "SIGTERM: draining" in text and "stopped" in text
+
+
+METRICS = ["pixelprune_request_duration_seconds", "pixelprune_ttft_seconds", "pixelprune_stage_duration_seconds",
+           "pixelprune_retain_ratio", "pixelprune_visual_tokens_total", "pixelprune_kv_cache_bytes",
+           "pixelprune_kv_cache_in_use_bytes", "pixelprune_queue_depth", "pixelprune_queue_wait_seconds",
+           "pixelprune_frame_cache_queries_total", "pixelprune_frame_cache_hits_total",
+           "pixelprune_changed_block_fraction", "pixelprune_redis_errors_total"]
+
+
+def test_every_metric_is_exported_and_moves(make_server, channels, redis_server, small):
+    handle, counting = make_server(redis_url=redis_server.url)
+    seen_in_use = []
+    real_ground = counting.ground
+    gauge = lambda: handle.metrics.registry.get_sample_value("pixelprune_kv_cache_in_use_bytes")  # noqa: E731
+    counting.ground = lambda *a, **k: (seen_in_use.append(gauge()), real_ground(*a, **k))[1]
+    before = scrape(handle.metrics_port)
+    for name in METRICS:
+        assert any(key.split("{")[0].startswith(name) for key in before), name
+    stub = stub_for(channels(handle.port))
+    request = pb.GroundRequest(image=pb.Image(encoded=png_bytes(small)), instruction="a", session_id="m")
+    first = stub.Ground(request)
+    stub.Ground(request)  # cache hit
+    release = _hold_worker(handle)
+    queued = stub.Ground.future(pb.GroundRequest(image=raw_image(small), instruction="a", session_id="n"))
+    _wait_until(lambda: scrape(handle.metrics_port)["pixelprune_queue_depth"] == 1)
+    release.set()
+    second = queued.result(timeout=60)
+    redis_server.stop()
+    stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="b", session_id="m"))  # Redis down: still OK
+    after = scrape(handle.metrics_port)
+    assert after['pixelprune_request_duration_seconds_count{code=OK,rpc=Ground}'] == 4
+    assert after["pixelprune_ttft_seconds_count"] == 3 and after["pixelprune_retain_ratio_count"] == 3
+    for stage in ("decode", "resize", "select", "patchify", "vit", "prefill", "decode_tokens"):
+        runs = 1 if stage == "vit" else 3  # the ViT ran once: the other two reused its output
+        assert after[f"pixelprune_stage_duration_seconds_count{{stage={stage}}}"] == runs, stage
+    assert after["pixelprune_visual_tokens_total{kind=kept}"] == 3 * first.kept_blocks
+    assert after["pixelprune_visual_tokens_total{kind=pruned}"] == 3 * (64 - first.kept_blocks) > 0
+    assert after["pixelprune_kv_cache_bytes_count"] == 3 and after["pixelprune_kv_cache_bytes_sum"] > 0
+    assert after["pixelprune_queue_wait_seconds_count"] >= 4 and after["pixelprune_queue_depth"] == 0
+    assert after["pixelprune_frame_cache_queries_total"] == 4 and after["pixelprune_frame_cache_hits_total"] == 1
+    assert after["pixelprune_changed_block_fraction_count"] == 1  # the cache hit: the only frame with a previous one
+    assert after["pixelprune_redis_errors_total"] >= 1
+    # KV in use: an estimate while the model runs (exact once the prompt length is known), 0 when idle.
+    assert all(v > 0 for v in seen_in_use) and after["pixelprune_kv_cache_in_use_bytes"] == 0
+    assert second.kept_blocks == first.kept_blocks and len(seen_in_use) == 3
