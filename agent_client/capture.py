@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+CLICK_TIMEOUT_S = 10.0  # an xdotool call that takes longer is reported as a failure
+
 
 class DisplayError(Exception):
     """No screen to capture (no DISPLAY, X server unreachable, bad monitor index); one line."""
@@ -75,7 +77,9 @@ def frame_to_global(x: float, y: float, monitor: Monitor, frame_size: tuple[int,
         raise ValueError(f"frame size must be positive, got {frame_size}")
     if not (math.isfinite(x) and math.isfinite(y)):
         raise ValueError(f"point must be finite, got ({x}, {y})")
-    return monitor.left + x * monitor.width / frame_w, monitor.top + y * monitor.height / frame_h
+    # scale first: exactly 1.0 when the frame has the monitor's size, so no rounding is added
+    scale_x, scale_y = monitor.width / frame_w, monitor.height / frame_h
+    return monitor.left + x * scale_x, monitor.top + y * scale_y
 
 
 def click_target(x: float, y: float, monitor: Monitor, frame_size: tuple[int, int]) -> tuple[int, int]:
@@ -164,7 +168,12 @@ def click(x: int, y: int, button: int = 1) -> None:
     exe = shutil.which("xdotool")
     if exe is None:
         raise ClickError("xdotool is not installed (Debian package xdotool); it performs the click on X11")
-    done = subprocess.run([exe, "mousemove", "--sync", str(int(x)), str(int(y)), "click", str(int(button))],
-                          capture_output=True, text=True, timeout=10)
+    # No --sync: it can wait forever for a motion event; the X server runs the warp and
+    # the click in order anyway.
+    try:
+        done = subprocess.run([exe, "mousemove", str(int(x)), str(int(y)), "click", str(int(button))],
+                              capture_output=True, text=True, timeout=CLICK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise ClickError(f"xdotool did not finish within {CLICK_TIMEOUT_S:g} s") from None
     if done.returncode != 0:
         raise ClickError(f"xdotool failed: {' '.join(done.stderr.split()) or f'exit {done.returncode}'}")

@@ -89,7 +89,8 @@ class PrunedQwen3VL:
 
         The selector works on exact uint8 pixels: the processor rows (mean = std = 0.5)
         are inverted with round((x*0.5 + 0.5)*255) and rearranged to (H, W, 3).
-        Pruning disabled -> all-True masks (the stock path)."""
+        Pruning disabled -> all-True masks (the stock path). No counterpart in transformers:
+        this is the pixel-level step that runs before the ViT."""
         grids = _grid_list(image_grid_thw)
         if not getattr(self.config, "enabled", True):
             return [np.ones((h // 2, w // 2), dtype=bool) for _, h, w in grids]
@@ -151,9 +152,12 @@ class PrunedQwen3VL:
         """Model kwargs for one pruned prefill (used by __call__ and generate).
 
         Nothing pruned (or no image) -> the stock inputs unchanged (`pruned=False`).
-        Otherwise: pruned `input_ids`/`attention_mask`/`mm_token_type_ids`, 4-row
-        `position_ids` [text; t; h; w] (MRoPE of the full sequence at the kept columns,
-        text row = mask cumsum) and `mm_encoder_outputs` from `vision` or the ViT."""
+        Otherwise it replaces what `Qwen3VLModel.forward` (5.23 L1131-1238) computes itself:
+        pruned `input_ids`/`attention_mask`/`mm_token_type_ids`; 4-row `position_ids`
+        [text; t; h; w] instead of `compute_3d_position_ids` (L1080), i.e. `get_rope_index`
+        (L913) of the FULL sequence at the kept columns with text row = mask cumsum; and
+        `mm_encoder_outputs` (from `vision` or `encode_images`) instead of
+        `get_image_features` (L1161). `keep` defaults to `select` on `pixel_values`."""
         stock = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
                  "image_grid_thw": image_grid_thw, "mm_token_type_ids": mm_token_type_ids}
         stock = {k: v for k, v in stock.items() if v is not None}

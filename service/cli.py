@@ -27,7 +27,4 @@ def run(args: argparse.Namespace) -> int:
              f"{config.prune_method}/{config.prune_metric}/tau={config.prune_tau}" if config.prune_enabled else "off")
     if engine.is_random_weights:
         log.warning("%s has RANDOM WEIGHTS (a test checkpoint): its answers carry no meaning", config.model)
-    log.info("listening: gRPC %s:%d%s, metrics port %d, auth %s", config.host, config.port,
-             " (TLS)" if config.tls_cert else "", config.metrics_port,
-             "bearer token" if config.auth_token_file else "off")
     return serve(config, engine=engine)

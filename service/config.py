@@ -68,6 +68,8 @@ class ServiceConfig:
             (math.isfinite(self.prune_tau) and 0.0 <= self.prune_tau <= 1.0,
              f"--prune-tau must be in [0, 1], got {self.prune_tau}"),
             ((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together"),
+            (self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+             f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}"),
             (self.redis_url is None or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
              "--redis-url must start with redis://, rediss:// or unix://"),
         ]

@@ -149,8 +149,10 @@ def _warmup_logged(handle: ServerHandle) -> None:
 def serve(config: ServiceConfig, engine=None) -> int:
     """Run until SIGTERM/SIGINT, then drain in-flight requests within config.drain_grace_s."""
     handle = create_server(config, engine=engine, warmup=False)
-    log.info("gRPC on %s:%d, metrics on %s", config.host, handle.port,
-             f"{config.host}:{handle.metrics_port}/metrics" if handle.metrics_port is not None else "off")
+    log.info("listening: gRPC %s:%d%s, metrics %s, auth %s", config.host, handle.port,
+             " (TLS)" if config.tls_cert else "",
+             f"{config.host}:{handle.metrics_port}/metrics" if handle.metrics_port is not None else "off",
+             "bearer token" if config.auth_token_file else "off")
     stop = threading.Event()
 
     def on_signal(signum, _frame):

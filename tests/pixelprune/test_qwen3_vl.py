@@ -267,6 +267,23 @@ def test_left_padded_batch_generates_like_each_sample_alone(model, processor, we
             torch.testing.assert_close(a[i], b[0], rtol=0, atol=1e-5)
 
 
+def test_text_only_and_mixed_batches(model, processor, gui):
+    adapter = PrunedQwen3VL(model)
+    text = processor.tokenizer(["<|im_start|>user\nHello there<|im_end|>\n"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(adapter(**text).logits, model(**text).logits)
+    batch = inputs_for(processor, [[gui], []])  # sample 1 has no image
+    keep = [select_blocks(np.asarray(gui))]
+    with torch.no_grad():
+        out = adapter(**batch, keep=keep).logits
+        mask = adapter.prepare(**batch, keep=keep).model_kwargs["attention_mask"].bool()
+        alone_text = {k: batch[k][1:2, batch["attention_mask"][1].bool()] for k in ("input_ids", "attention_mask")}
+        alone_image = {"input_ids": batch["input_ids"][:1], "pixel_values": batch["pixel_values"],
+                       "image_grid_thw": batch["image_grid_thw"]}
+        torch.testing.assert_close(out[1][mask[1]], model(**alone_text).logits[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(out[0][mask[0]], adapter(**alone_image, keep=keep).logits[0], rtol=0, atol=1e-5)
+
+
 def test_two_images_in_one_prompt(model, processor, web, gui):
     inp = inputs_for(processor, [[web, gui]])
     keeps = [select_blocks(np.asarray(web)), select_blocks(np.asarray(gui))]

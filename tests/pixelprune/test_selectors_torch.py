@@ -1,0 +1,105 @@
+"""select_blocks_torch gives the numpy select_blocks masks (CPU tensors here;
+the same device-agnostic code runs on the GPU in the service)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from pixelprune.selectors import METHODS, METRICS, select_blocks
+from pixelprune.selectors_torch import select_blocks_torch
+
+TAUS = (0.0, 0.02, 0.05)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The wavefront runs many small ops: intra-op threads only add contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def planted_image(seed: int, rows: int, cols: int) -> np.ndarray:
+    """Blocks drawn from a few random blocks and their near copies, plus copies
+    and small ramps of the left/upper neighbour."""
+    rng = np.random.default_rng(seed)
+    bases = [rng.integers(0, 256, (32, 32, 3)) for _ in range(3)] + [np.full((32, 32, 3), 128)]
+    candidates = [b + off for b in bases for off in (0, rng.integers(-8, 9))]
+    grid = np.empty((rows, cols, 32, 32, 3), dtype=np.int64)
+    for r in range(rows):
+        for c in range(cols):
+            roll = rng.random()
+            if roll < 0.3 and c > 0:
+                grid[r, c] = grid[r, c - 1] + rng.integers(0, 5)
+            elif roll < 0.5 and r > 0:
+                grid[r, c] = grid[r - 1, c]
+            else:
+                grid[r, c] = candidates[rng.integers(len(candidates))]
+    image = np.clip(grid, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(image.transpose(0, 2, 1, 3, 4).reshape(rows * 32, cols * 32, 3))
+
+
+def check_same(pixels: np.ndarray, method: str, metric: str, tau: float) -> None:
+    got = select_blocks_torch(torch.from_numpy(pixels.copy()), method, metric, tau)
+    assert got.dtype == torch.bool and got.device.type == "cpu"
+    np.testing.assert_array_equal(got.numpy(), select_blocks(pixels, method, metric, tau),
+                                  err_msg=f"{method} {metric} {tau}")
+
+
+@settings(max_examples=120, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 6), cols=st.integers(1, 6),
+       method=st.sampled_from(METHODS), metric=st.sampled_from(METRICS), tau=st.sampled_from(TAUS))
+def test_random_grids_match_numpy(seed, rows, cols, method, metric, tau):
+    check_same(planted_image(seed, rows, cols), method, metric, tau)
+
+
+@pytest.mark.parametrize("name", ["desktop_pcmanfm_xterm_mousepad_1920x1080.png",
+                                  "jpeg_web_gtk3_widget_1920x1080.png"])
+def test_corpus_images_match_numpy(corpus_dir, name):
+    image = np.asarray(Image.open(corpus_dir / name).convert("RGB"))
+    pixels = np.ascontiguousarray(image[:image.shape[0] // 32 * 32, :image.shape[1] // 32 * 32])
+    for method in METHODS:
+        for metric in METRICS:
+            for tau in TAUS:
+                check_same(pixels, method, metric, tau)
+
+
+def test_hand_made_vertical_edge_and_degenerate():
+    grey = {0: 40, 1: 200}
+    labels = [[0, 1, 1]] * 3
+    pixels = np.concatenate([np.concatenate([np.full((32, 32, 3), grey[v], np.uint8) for v in row], 1)
+                             for row in labels], 0)
+    expected = [[True, True, False], [False, False, False], [False, False, False]]
+    for tau in TAUS:
+        assert select_blocks_torch(torch.from_numpy(pixels), tau=tau).tolist() == expected
+    assert select_blocks_torch(torch.zeros((32, 32, 3), dtype=torch.uint8)).tolist() == [[True]]
+
+
+def test_non_contiguous_tensor():
+    pixels = planted_image(3, 3, 4)
+    tensor = torch.from_numpy(np.pad(pixels, ((0, 0), (0, 64), (0, 0))))[:, :128]
+    assert not tensor.is_contiguous()
+    for tau in TAUS:
+        np.testing.assert_array_equal(select_blocks_torch(tensor, "pred2d", "mae", tau).numpy(),
+                                      select_blocks(pixels, "pred2d", "mae", tau))
+
+
+@pytest.mark.parametrize("pixels, kwargs, message", [
+    (torch.zeros((64, 64, 3), dtype=torch.float32), {}, "uint8"),
+    (torch.zeros((64, 64), dtype=torch.uint8), {}, "shape"),
+    (torch.zeros((64, 40, 3), dtype=torch.uint8), {}, "multiples of 32"),
+    (np.zeros((64, 64, 3), np.uint8), {}, "torch"),
+    (torch.zeros((64, 64, 3), dtype=torch.uint8), {"method": "spiral"}, "unknown method"),
+    (torch.zeros((64, 64, 3), dtype=torch.uint8), {"metric": "rmse"}, "unknown metric"),
+    (torch.zeros((64, 64, 3), dtype=torch.uint8), {"tau": -1.0}, "tau must be"),
+    (torch.zeros((64, 64, 3), dtype=torch.uint8), {"tau": float("nan")}, "tau must be"),
+])
+def test_bad_input(pixels, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        select_blocks_torch(pixels, **kwargs)
