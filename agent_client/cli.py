@@ -42,13 +42,17 @@ def _add_connection_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", metavar="FILE", help="file holding the bearer token")
     p.add_argument("--tls-ca", metavar="FILE", help="PEM root certificate(s): use TLS and trust these")
     p.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="S", help="deadline per request, seconds")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="deadline of one ground request incl. retries, seconds (streams have none) [30]")
     p.add_argument("--session", metavar="ID", help="session id (reuses unchanged frames across calls)")
     p.add_argument("--method", choices=("pred2d", "raster", "serpentine"), help="pruning scan order")
     p.add_argument("--metric", choices=("max", "mae"), help="pruning block distance")
     p.add_argument("--tau", type=float, help="pruning threshold in [0, 1] (0 = lossless)")
     p.add_argument("--no-prune", action="store_true", help="let the model see every block")
     p.add_argument("--json", action="store_true", help="print JSON (one object per answer)")
+    p.add_argument("--frame-encoding", choices=("png", "raw"), default="png",
+                   help="how pixels travel: png (level 1, ~20x smaller) or raw RGB (no encoding cost; "
+                        "faster on loopback) [png]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +84,8 @@ def _client(args: argparse.Namespace) -> GroundingClient:
     tls = Path(args.tls_ca) if args.tls_ca else (True if args.tls else None)
     if args.timeout <= 0:
         raise ValueError("--timeout must be > 0")
-    return GroundingClient(args.target, token=token, tls=tls, timeout=args.timeout)
+    return GroundingClient(args.target, token=token, tls=tls, timeout=args.timeout,
+                           frame_encoding=args.frame_encoding)
 
 
 def _pruning(args: argparse.Namespace) -> dict:
@@ -109,54 +114,62 @@ def run_ground(args: argparse.Namespace) -> int:
 
 
 class _FrameSource:
-    """Captures frames at a steady rate and remembers each by sequence number until its
-    answer (or a newer one) arrives. Iterated by gRPC's sending thread."""
+    """Captures frames of one monitor at a steady rate and remembers each by sequence
+    number until its answer (or a newer one) arrives. Iterated by gRPC's sending thread,
+    which opens its own mss instance there (mss handles are per thread on Windows)."""
 
-    def __init__(self, capture: ScreenCapture, fps: float, count: int):
+    def __init__(self, monitor: int, fps: float, count: int):
         if not fps > 0:
             raise ValueError("--fps must be > 0")
         if count < 0:
             raise ValueError("--frames must be >= 0")
-        self.capture, self.interval, self.count = capture, 1.0 / fps, count
+        self.monitor, self.interval, self.count = monitor, 1.0 / fps, count
         self.sent = 0
         self._pending: dict[int, CapturedFrame] = {}
         self._lock = threading.Lock()
 
     def __iter__(self):
-        start = time.monotonic()
-        while self.count == 0 or self.sent < self.count:
-            delay = start + self.sent * self.interval - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            frame = self.capture.grab()
-            with self._lock:
-                self.sent += 1
-                self._pending[self.sent] = frame
-            yield frame.pixels
+        with ScreenCapture(self.monitor) as capture:
+            start = time.monotonic()
+            while self.count == 0 or self.sent < self.count:
+                delay = start + self.sent * self.interval - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                frame = capture.grab()
+                with self._lock:
+                    self.sent += 1
+                    self._pending[self.sent] = frame
+                yield frame.pixels
 
     def take(self, sequence: int) -> CapturedFrame:
         """The frame answered by `sequence`; older, skipped frames are forgotten."""
         with self._lock:
-            frame = self._pending.pop(sequence)
+            frame = self._pending.pop(sequence, None)
             for old in [s for s in self._pending if s < sequence]:
                 del self._pending[old]
+        if frame is None:
+            raise ValueError(f"the server answered frame {sequence}, which was not sent or already answered")
         return frame
 
 
 def run_live(args: argparse.Namespace) -> int:
-    source_capture = ScreenCapture(args.monitor)  # fails first when there is no display
+    with ScreenCapture(args.monitor):  # no display or no such monitor: fail before connecting
+        pass
+    source = _FrameSource(args.monitor, args.fps, args.frames)
     answers = skipped = 0
     warned: set[str] = set()
-    with source_capture, _client(args) as client:
-        source = _FrameSource(source_capture, args.fps, args.frames)
+    with _client(args) as client:
         annotate = Path(args.annotate) if args.annotate else None
         if annotate is not None:
             annotate.mkdir(parents=True, exist_ok=True)
-        for result in client.stream(source, args.instruction, session_id=args.session, **_pruning(args)):
-            frame = source.take(result.sequence)
-            answers, skipped = answers + 1, skipped + result.skipped_frames
-            report = _answer(result, frame, args, annotate, warned)
-            print(json.dumps(report) if args.json else _live_line(result, report), flush=True)
+        try:
+            for result in client.stream(source, args.instruction, session_id=args.session, **_pruning(args)):
+                frame = source.take(result.sequence)
+                answers, skipped = answers + 1, skipped + result.skipped_frames
+                report = _answer(result, frame, args, annotate, warned)
+                print(json.dumps(report) if args.json else _live_line(result, report), flush=True)
+        except KeyboardInterrupt:  # the way to end `--frames 0`: not an error
+            pass
     print(f"pixelprune-agent live: frames sent {source.sent}, answers {answers}, skipped {skipped}",
           file=sys.stderr)
     return 0

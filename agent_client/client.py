@@ -306,20 +306,24 @@ class GroundingClient:
         request = pb.GroundRequest(
             image=encode_image(image, self.max_message_bytes, self.frame_encoding), instruction=instruction,
             session_id=session_id or "", pruning=pruning_settings(method, metric, tau, prune))
+        return GroundResult.from_pb(self._with_retries("Ground", self._stub.Ground, request))
+
+    def _with_retries(self, name: str, rpc, request):
+        """Call a unary rpc within one deadline of `timeout` seconds, retrying UNAVAILABLE
+        only, after min(backoff_max, backoff_initial * 2**n) seconds times a jitter in [0.5, 1]
+        (so that clients cut off together do not come back together)."""
         deadline = time.monotonic() + self.timeout
         for attempt in range(self.retries + 1):
-            remaining = deadline - time.monotonic()
             try:
-                return GroundResult.from_pb(self._stub.Ground(request, timeout=max(remaining, 0.001),
-                                                              metadata=self._metadata))
+                return rpc(request, timeout=max(deadline - time.monotonic(), 0.001), metadata=self._metadata)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
                     raise self._error(exc) from None
                 delay = min(self.backoff_max, self.backoff_initial * 2 ** attempt) * self._jitter.uniform(0.5, 1.0)
                 if time.monotonic() + delay >= deadline:
                     raise self._error(exc) from None
-                log.info("Ground: server %s unavailable; retry %d of %d in %.2f s",
-                            self.target, attempt + 1, self.retries, delay)
+                log.info("%s: server %s unavailable; retry %d of %d in %.2f s",
+                         name, self.target, attempt + 1, self.retries, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")  # the loop returns or raises
 
@@ -334,8 +338,11 @@ class GroundingClient:
         server answers the newest and reports the dropped ones in `skipped_frames`, so
         frames sent == answers + sum(skipped_frames). `timeout` bounds the whole stream
         (None = no deadline). Not retried. Closing the generator cancels the call."""
-        _check_instruction(instruction)
+        _check_instruction(instruction)  # checked now, not at the first next()
         settings = pruning_settings(method, metric, tau, prune)
+        return self._stream(frames, instruction, session_id, settings, timeout)
+
+    def _stream(self, frames, instruction, session_id, settings, timeout) -> Iterator[GroundResult]:
         failure: list[BaseException] = []
         call = self._stub.GroundStream(self._requests(frames, instruction, session_id, settings, failure),
                                        timeout=timeout, metadata=self._metadata)

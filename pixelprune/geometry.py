@@ -28,6 +28,7 @@ MAX_ASPECT_RATIO = 200  # smart_resize rejects images more elongated than 200:1
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
 ROW_SIZE = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE  # 1536 floats per pixel_values row
+_CHUNK_BLOCKS = 64  # blocks normalised at a time in kept_pixel_values
 
 
 def smart_resize(height: int, width: int, factor: int = BLOCK_SIZE,
@@ -184,12 +185,15 @@ def kept_pixel_values(pixels: np.ndarray, keep=None, mean=IMAGE_MEAN, std=IMAGE_
     else:
         kept = blocks[_check_keep(keep, blocks.shape[:2])]
     count = kept.shape[0]
-    # (K, r, ph, c, pw, C) -> (K, r, c, C, ph, pw): uint8, cheap to rearrange.
-    patches = kept.reshape(count, MERGE_SIZE, PATCH_SIZE, MERGE_SIZE, PATCH_SIZE, 3)
-    patches = np.ascontiguousarray(patches.transpose(0, 1, 3, 5, 2, 4))
-    normalised = _normalise(patches.reshape(count, MERGE_SIZE, MERGE_SIZE, 3, PATCH_SIZE * PATCH_SIZE),
-                            mean, std)
-    out = np.repeat(normalised[:, :, :, :, None], TEMPORAL_PATCH_SIZE, axis=4)
+    # (K, r, ph, c, pw, C) -> (K, r, c, C, ph, pw): a view; copied chunk by chunk below.
+    patches = kept.reshape(count, MERGE_SIZE, PATCH_SIZE, MERGE_SIZE, PATCH_SIZE, 3).transpose(0, 1, 3, 5, 2, 4)
+    out = np.empty((count, MERGE_SIZE, MERGE_SIZE, 3, TEMPORAL_PATCH_SIZE, PATCH_SIZE * PATCH_SIZE),
+                   dtype=np.float32)
+    for start in range(0, count, _CHUNK_BLOCKS):  # small chunks: the float scratch stays in cache
+        chunk = patches[start:start + _CHUNK_BLOCKS]
+        flat = chunk.reshape(chunk.shape[0], MERGE_SIZE, MERGE_SIZE, 3, PATCH_SIZE * PATCH_SIZE)
+        values = _normalise(flat, mean, std)
+        out[start:start + _CHUNK_BLOCKS] = values[:, :, :, :, None, :]  # both temporal frames
     return out.reshape(count * MERGE_SIZE * MERGE_SIZE, ROW_SIZE)
 
 

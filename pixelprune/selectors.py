@@ -255,28 +255,36 @@ def _track_numpy(pixels: np.ndarray, method: str, is_max: bool, thr: int) -> np.
     return keep.reshape(rows, cols)
 
 
+def diagonal_table(rows: int, cols: int) -> tuple[np.ndarray, list[int]]:
+    """Blocks other than (0, 0) in anti-diagonal order (k = r + c = 1, 2, ...):
+    rows of the (6, n-1) table are the flat index X, the flat indices of A (left),
+    B (above), C (above-left) clamped to 0, "first column" (predict B) and
+    "interior" (choose by the edge test). Also the start offset of each diagonal."""
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    order = np.lexsort((r, r + c))[1:]
+    r, c = r[order], c[order]
+    x = r * cols + c
+    table = np.stack([x, np.maximum(x - 1, 0), np.maximum(x - cols, 0), np.maximum(x - cols - 1, 0),
+                      c == 0, (r > 0) & (c > 0)]).astype(np.int64)
+    return table, np.searchsorted(r + c, np.arange(1, rows + cols)).tolist()
+
+
 def _wavefront_pred2d(similar: _PairTest, rows: int, cols: int) -> np.ndarray:
     """pred2d with tracking, one anti-diagonal (r + c = k) per step: a block's
-    neighbours A, B, C all lie on earlier diagonals."""
+    neighbours A, B, C all lie on earlier diagonals. Each step tests C~A, C~B,
+    X~A, X~B for the whole diagonal at once (on reconstructions: source indices)."""
     src = np.arange(rows * cols)
     keep = np.zeros(rows * cols, dtype=bool)
     keep[0] = True
-    for k in range(1, rows + cols - 1):
-        r = np.arange(max(0, k - cols + 1), min(k, rows - 1) + 1)
-        x = r * cols + (k - r)
-        edge = (r == 0) | (r == k)  # first row (predict A) or first column (predict B)
-        pred = np.where(r == 0, src[x - 1], src[np.maximum(x - cols, 0)])
-        inner = np.flatnonzero(~edge)
-        if inner.size:
-            xi = x[inner]
-            a, b, c = src[xi - 1], src[xi - cols], src[xi - cols - 1]
-            use_b = a != b
-            use_b[use_b] = similar(c[use_b], a[use_b])
-            use_b[use_b] = ~similar(c[use_b], b[use_b])
-            pred[inner] = np.where(use_b, b, a)
-        dropped = similar(x, pred)
-        src[x[dropped]] = pred[dropped]
-        keep[x[~dropped]] = True
+    table, starts = diagonal_table(rows, cols)
+    for start, stop in zip(starts[:-1], starts[1:]):
+        x, left, up, corner, first_col, interior = table[:, start:stop]
+        a, b, c = src[left], src[up], src[corner]
+        sims = similar(np.concatenate([c, c, x, x]), np.concatenate([a, b, a, b])).reshape(4, -1)
+        use_b = (sims[0] & ~sims[1] & interior.astype(bool)) | first_col.astype(bool)
+        dropped = np.where(use_b, sims[3], sims[2])
+        src[x] = np.where(dropped, np.where(use_b, b, a), x)
+        keep[x] = ~dropped
     return keep
 
 

@@ -10,11 +10,10 @@ earlier diagonals), and in growing vectorised runs after each anchor for the
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from pixelprune.geometry import BLOCK_SIZE
-from pixelprune.selectors import scan_order, threshold_units
+from pixelprune.selectors import diagonal_table, scan_order, threshold_units
 
 _ROW_BYTES = BLOCK_SIZE * 3  # 96 bytes: one pixel row of one block
 _ROW_WORDS = _ROW_BYTES // 8  # 12 int64 words
@@ -99,21 +98,6 @@ class _PairTest:
         return dist <= self.thr
 
 
-def _diagonals(rows: int, cols: int, device) -> tuple[torch.Tensor, list[int]]:
-    """Per block, in anti-diagonal order (k = r + c = 1, 2, ...): its flat index,
-    the flat indices of A (left), B (above), C (above-left) clamped to 0, and
-    whether it predicts from B (first column) or chooses (interior).
-    Returns a (6, n-1) tensor and the start offset of each diagonal."""
-    r, c = np.divmod(np.arange(rows * cols), cols)
-    order = np.lexsort((r, r + c))[1:]  # skip the anchor (0, 0)
-    r, c = r[order], c[order]
-    x = r * cols + c
-    table = np.stack([x, np.maximum(x - 1, 0), np.maximum(x - cols, 0), np.maximum(x - cols - 1, 0),
-                      (c == 0).astype(np.int64), ((r > 0) & (c > 0)).astype(np.int64)])
-    starts = np.searchsorted((r + c), np.arange(1, rows + cols)).tolist()
-    return torch.from_numpy(table).to(device), starts
-
-
 def _wavefront_pred2d(similar: _PairTest, rows: int, cols: int) -> torch.Tensor:
     """pred2d with reconstruction tracking, one anti-diagonal r + c = k per step.
     Each step measures C~A, C~B, X~A, X~B for the whole diagonal in one batch
@@ -122,7 +106,8 @@ def _wavefront_pred2d(similar: _PairTest, rows: int, cols: int) -> torch.Tensor:
     src = torch.arange(rows * cols, device=device)
     keep = torch.zeros(rows * cols, dtype=torch.bool, device=device)
     keep[0] = True
-    table, starts = _diagonals(rows, cols, device)
+    table, starts = diagonal_table(rows, cols)
+    table = torch.from_numpy(table).to(device)
     for start, stop in zip(starts[:-1], starts[1:]):
         x, left, up, corner, first_col, interior = table[:, start:stop]
         a, b, c = src[left], src[up], src[corner]

@@ -1,7 +1,9 @@
 """A bounded, thread-safe LRU for vision-encoder outputs.
 
-Key: (frame digest, pruning settings key, resized (w, h)); the same pixels
+Key: (content digest, pruning settings key, resized (w, h)); the same pixels
 pruned the same way give the same kept blocks and so the same vision features.
+The content digest is exact (blake2b of the image bytes as sent), because the
+cache is shared across sessions.
 A new instruction on an unchanged screen then skips the vision encoder. The
 values can be large (device tensors), so the bound is an entry count kept small.
 """
@@ -53,6 +55,6 @@ class LRUCache(Generic[V]):
         return key in self._items
 
 
-def vision_key(frame_digest: bytes, settings: tuple, resized_size: tuple[int, int]) -> tuple:
+def vision_key(content_digest: bytes, settings: tuple, resized_size: tuple[int, int]) -> tuple:
     """The cache key of one frame's vision features."""
-    return (bytes(frame_digest), tuple(settings), tuple(resized_size))
+    return (bytes(content_digest), tuple(settings), tuple(resized_size))

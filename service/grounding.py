@@ -1,13 +1,17 @@
 """The service's domain function: one screenshot + instruction -> one answer, with session reuse.
 
     source digest -> session lookup -> (same bytes, instruction, settings: answer from the session)
-    -> decode -> prepare (resize, select, patchify) -> block hashes + frame digest
-    -> changed fraction vs the previous frame -> (same pixels, instruction, settings: from the session)
+    -> decode -> prepare (resize, select, patchify) -> block hashes
+    -> changed fraction vs the previous frame -> (all blocks equal, same instruction and settings:
+       answer from the session, as ARCHITECTURE.md prescribes; a hash collision could only
+       mislead the client's own session, with probability ~2**-64 per changed block)
     -> on the model worker: vision cache (same pixels and settings: skip the ViT) -> engine.ground
     -> save the session -> GroundAnswer
 
 Everything before the model step runs on the calling RPC thread, so the single
-model worker only ever runs the model. No gRPC types here: the servicer converts.
+model worker only ever runs the model. The vision cache is shared by all sessions,
+so its key is exact: a cryptographic digest of the request's image bytes (never
+the 64-bit block hashes). No gRPC types here: the servicer converts.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from pixelprune.hashing import block_hashes, frame_digest
+from pixelprune.hashing import block_hashes
 from service.cache import LRUCache, vision_key
 from service.errors import DeadlineExpired
 from service.images import RawImage, decode_image
@@ -156,16 +160,20 @@ class Grounder:
         pixels = decode_image(query.image, self.max_image_pixels)
         decode_s = time.perf_counter() - t0
         prepared = self.engine.prepare(pixels, settings)
-        hashes, digest = block_hashes(prepared.pixels), frame_digest(prepared.pixels)
-        changed = changed_fraction(previous, hashes)
+        # Block hashes serve only the session (compare, save): without one, no pass over the pixels.
+        hashes = block_hashes(prepared.pixels) if query.session_id else None
+        changed = 1.0 if hashes is None else changed_fraction(previous, hashes)
         if previous is not None:
             self.metrics.record_changed_fraction(changed)
-        if (self._same_request(previous, query.instruction, key) and previous.frame_digest == digest
-                and previous.original_size == prepared.original_size):
+        same_blocks = changed == 0.0 and previous.original_size == prepared.original_size
+        if same_blocks and self._same_request(previous, query.instruction, key):
             return self._from_session(query, previous, src, arrival, decode_s)
+        # Vision features are keyed by exact bytes; within a session, a frame whose blocks all
+        # equal the previous frame's (e.g. re-encoded) uses the previous frame's key.
+        content = previous.content_key if same_blocks and tuple(previous.settings) == key else src
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExpired("deadline expired before the model ran")
-        vkey = vision_key(digest, key, prepared.resized_size)
+        vkey = vision_key(content, key, prepared.resized_size)
         job = self.worker.run(lambda: self._model_step(prepared, query.instruction, vkey),
                               deadline=deadline, is_active=is_active)
         output, started = job.value
@@ -175,7 +183,7 @@ class Grounder:
             self.metrics.record_frame_cache(hit=False)
             self.store.put(query.session_id, SessionState(
                 original_size=prepared.original_size, resized_size=prepared.resized_size,
-                block_hashes=hashes.astype("<u8", copy=False).tobytes(), frame_digest=digest, source_digest=src,
+                block_hashes=hashes.astype("<u8", copy=False).tobytes(), source_digest=src, content_key=content,
                 instruction=query.instruction, settings=key, answer=answer))
         prep_s = sum(prepared.timings.values())
         ttft_s = (started - arrival) + output.timings["ttft"] - prep_s

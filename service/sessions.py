@@ -1,7 +1,7 @@
 """Per-session memory of the previous frame: in Redis (any replica serves any session) or in process.
 
 A session holds the previous frame's geometry, its per-block hashes (packed
-little-endian uint64), its digest, the instruction and pruning settings used,
+little-endian uint64), digests of its bytes, the instruction and pruning settings used,
 and the answer. Both stores have the same two methods, `get` and `put`, and
 neither raises on a storage failure: Redis errors are counted through a
 callback and the request goes on without reuse. After a failure the Redis
@@ -43,8 +43,9 @@ class SessionState:
     original_size: tuple[int, int]  # (W, H) of the screenshot as sent, pixels
     resized_size: tuple[int, int]  # (w, h) after smart_resize, pixels
     block_hashes: bytes  # (h/32)*(w/32) little-endian uint64 block hashes, raster order
-    frame_digest: bytes  # exact identity of the resized frame
-    source_digest: bytes  # identity of the request's image bytes (fast path, no decode)
+    source_digest: bytes  # identity of the last request's image bytes (fast path: no decode)
+    content_key: bytes  # vision-cache key of this content: the source digest of the first of
+    #                     this session's run of frames with these block hashes
     instruction: str  # the instruction answered
     settings: tuple  # pruning settings key: (enabled, method, metric, tau)
     answer: CachedAnswer  # what was answered
@@ -61,11 +62,11 @@ class SessionState:
 def pack_state(state: SessionState) -> bytes:
     """SessionState -> compact bytes: header, JSON meta, digests, raw hashes."""
     meta = asdict(state)
-    for key in ("block_hashes", "frame_digest", "source_digest"):
+    for key in ("block_hashes", "content_key", "source_digest"):
         meta[key] = len(meta[key])  # lengths only; the bytes follow the JSON
     meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
     return b"".join([_HEADER.pack(_FORMAT_VERSION, len(meta_bytes)), meta_bytes,
-                     state.frame_digest, state.source_digest, state.block_hashes])
+                     state.content_key, state.source_digest, state.block_hashes])
 
 
 def unpack_state(blob: bytes) -> SessionState | None:
@@ -78,7 +79,7 @@ def unpack_state(blob: bytes) -> SessionState | None:
         meta = json.loads(blob[pos:pos + meta_len])
         pos += meta_len
         parts = {}
-        for key in ("frame_digest", "source_digest", "block_hashes"):
+        for key in ("content_key", "source_digest", "block_hashes"):
             parts[key] = bytes(blob[pos:pos + meta[key]])
             pos += meta[key]
         if pos != len(blob):

@@ -71,11 +71,12 @@ def agent_command() -> list[str]:
     return [exe]
 
 
-def server_config(checkpoint: Path, token_file: Path | None, port: int = 0):
+def server_config(checkpoint: Path, token_file: Path | None, port: int = 0, extra: tuple[str, ...] = ()):
+    """A loopback server's config, built from `pixelprune serve` flags."""
     from service.config import from_args_and_env
 
     argv = ["--model", str(checkpoint), "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-            "--metrics-port", "-1"]
+            "--metrics-port", "-1", *extra]
     if token_file is not None:
         argv += ["--auth-token-file", str(token_file)]
     return from_args_and_env(argv, {})

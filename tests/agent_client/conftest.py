@@ -89,9 +89,11 @@ def xvfb(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def test_window(xvfb):
+def demo_window(xvfb):
     """A real Tk window on monitor 2; yields its X window id."""
     x, y, w, h = WINDOW_GEOMETRY
+    if subprocess.run([sys.executable, "-c", "import tkinter"], capture_output=True).returncode != 0:
+        pytest.fail(f"{sys.executable} has no tkinter (Debian package python3-tk)")
     proc = subprocess.Popen([sys.executable, "-c", _WINDOW_SCRIPT, WINDOW_TITLE, f"{w}x{h}+{x}+{y}",
                              "#%02x%02x%02x" % WINDOW_RGB], env=xvfb.env())
     try:
@@ -163,6 +165,22 @@ def pointing_server(pointing_checkpoint, token_file):
 
     handle = create_server(server_config(pointing_checkpoint, token_file))
     yield handle
+    handle.stop(0)
+
+
+@pytest.fixture(scope="session")
+def tls_server(tiny_checkpoint, tiny_engine, tmp_path_factory):
+    """A server with a self-signed certificate for 127.0.0.1 (openssl); yields (handle, cert path)."""
+    from service.server import create_server
+
+    openssl, folder = need_tool("openssl", "openssl"), tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    config = server_config(tiny_checkpoint, None, extra=("--tls-cert", str(cert), "--tls-key", str(key)))
+    handle = create_server(config, engine=tiny_engine)
+    yield handle, cert
     handle.stop(0)
 
 

@@ -85,10 +85,10 @@ def test_mss_sees_both_monitors(xvfb):
     assert found[1:] == [MONITOR_1, MONITOR_2]
 
 
-def test_grab_monitor_two_shows_the_window_at_its_offset(xvfb, test_window):
+def test_grab_monitor_two_shows_the_window_at_its_offset(xvfb, demo_window):
     wx, wy, ww, wh = WINDOW_GEOMETRY
     geometry = dict(line.split("=", 1) for line in
-                    xvfb.run("xdotool", "getwindowgeometry", "--shell", test_window).split())
+                    xvfb.run("xdotool", "getwindowgeometry", "--shell", demo_window).split())
     assert (int(geometry["X"]), int(geometry["Y"])) == (wx, wy)
     with on_display(xvfb.display), ScreenCapture(2) as capture:
         frame = capture.grab()
@@ -104,7 +104,7 @@ def test_grab_monitor_two_shows_the_window_at_its_offset(xvfb, test_window):
     assert click_target(fx + 0.5, fy + 0.5, frame.monitor, (1280, 768)) == (wx, wy)
 
 
-def test_monitor_zero_is_the_whole_screen(xvfb, test_window):
+def test_monitor_zero_is_the_whole_screen(xvfb, demo_window):
     with on_display(xvfb.display), ScreenCapture(0) as capture:
         frame = capture.grab()
     assert frame.pixels.shape == (1024, 2560, 3)
@@ -136,7 +136,7 @@ def test_unreachable_display_is_a_one_line_error(monkeypatch):
     assert "\n" not in str(info.value)
 
 
-def test_click_moves_the_pointer(xvfb, test_window, monkeypatch):
+def test_click_moves_the_pointer(xvfb, demo_window, monkeypatch):
     monkeypatch.setenv("DISPLAY", xvfb.display)
     click(1500, 400)
     assert pointer(xvfb) == (1500, 400)

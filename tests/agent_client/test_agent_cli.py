@@ -73,6 +73,16 @@ def test_ground_readable_line_says_random_weights(grounding_server, token_file, 
     assert "retain 100.0% (682/682 blocks)" in line and "RANDOM WEIGHTS" in line
 
 
+def test_ground_over_tls(tls_server, screenshot_png):
+    handle, cert = tls_server
+    done = agent("ground", "--target", f"127.0.0.1:{handle.port}", "--tls-ca", str(cert), str(screenshot_png),
+                 "click", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["total_blocks"] == 682
+    done = agent("ground", "--target", f"127.0.0.1:{handle.port}", str(screenshot_png), "click")
+    one_line_error(done, "pixelprune-agent ground: error: cannot reach the grounding server")
+
+
 def test_ground_unreachable_server(screenshot_png):
     done = agent("ground", "--target", f"127.0.0.1:{free_port()}", str(screenshot_png), "click")
     one_line_error(done, "pixelprune-agent ground: error: cannot reach the grounding server at 127.0.0.1:")
@@ -104,7 +114,7 @@ def blocks_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (inner(a) == inner(b)).all(axis=(1, 3, 4))
 
 
-def test_live_on_monitor_two(pointing_server, token_file, xvfb, test_window, tmp_path):
+def test_live_on_monitor_two(pointing_server, token_file, xvfb, demo_window, tmp_path):
     from pixelprune.selectors import select_blocks
 
     out = tmp_path / "annotated"
@@ -150,7 +160,7 @@ def test_live_on_monitor_two(pointing_server, token_file, xvfb, test_window, tmp
     assert (int(location["X"]), int(location["Y"])) == (last["x"], last["y"])
 
 
-def test_live_readable_lines(pointing_server, token_file, xvfb, test_window):
+def test_live_readable_lines(pointing_server, token_file, xvfb, demo_window):
     done = agent("live", *connection(pointing_server, token_file), "--instruction", "click the Save button",
                  "--monitor", "2", "--frames", "1", env=xvfb.env())
     assert done.returncode == 0, done.stderr

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agent_client.client import (MESSAGE_OVERHEAD_BYTES, AuthenticationError, GroundingClient, GroundResult,
-                                 InvalidRequest, ServerUnavailable, encode_image, encode_pixels, pruning_settings)
+from agent_client.client import (MESSAGE_OVERHEAD_BYTES, AuthenticationError, GroundingClient, GroundingError,
+                                 GroundResult, InvalidRequest, ServerUnavailable, encode_image, encode_pixels,
+                                 pruning_settings)
 from agent_testlib import TOKEN, free_port, server_config
 from pixelprune.grounding.v1 import grounding_pb2 as pb
 
@@ -143,8 +144,6 @@ def test_every_input_type_gives_the_same_answer(pointing_server, screenshot, tmp
                    for image in (path, path.read_bytes(), Image.open(path), screenshot)]
     for r in results[1:]:
         assert comparable(r) == comparable(results[0])
-        # the server keys its vision cache by pixel content: a hit proves identical pixels arrived
-        assert r.vision_cache_hit
     r = results[0]
     h, w = smart_resize(700, 1000)
     keep = select_blocks(resize_to(screenshot, h, w))
@@ -262,3 +261,40 @@ def test_stream_with_a_bad_token(grounding_server, screenshot):
     with GroundingClient(f"127.0.0.1:{grounding_server.port}", token="wrong-token") as client:
         with pytest.raises(AuthenticationError, match="a bad token"):
             list(client.stream([screenshot], "click the Save button"))
+
+
+def test_deadline(grounding_server, screenshot):
+    fresh = np.ascontiguousarray(screenshot[:, ::-1])  # not in any cache: the model has to run
+    with GroundingClient(f"127.0.0.1:{grounding_server.port}", token=TOKEN, timeout=0.05) as client:
+        with pytest.raises(GroundingError) as info:
+            client.ground(fresh, "click the Save button")
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert str(info.value) == f"no answer from 127.0.0.1:{grounding_server.port} within 0.05 s"
+
+
+def test_stream_arguments_are_checked_at_once(grounding_server):
+    with GroundingClient(f"127.0.0.1:{grounding_server.port}", token=TOKEN) as client:
+        with pytest.raises(ValueError, match="instruction"):
+            client.stream([], "")
+        with pytest.raises(ValueError, match="tau"):
+            client.stream([], "click", tau=-1.0)
+
+
+def test_tls_with_a_private_root(tls_server, screenshot):
+    handle, cert = tls_server
+    for tls in (cert, str(cert), cert.read_bytes()):
+        with GroundingClient(f"127.0.0.1:{handle.port}", tls=tls) as client:
+            assert client.ground(screenshot, "click the Save button").total_blocks == 682
+    with GroundingClient(f"127.0.0.1:{handle.port}", retries=0) as client:  # plaintext to a TLS port
+        with pytest.raises(ServerUnavailable):
+            client.ground(screenshot, "click the Save button")
+    with GroundingClient(f"127.0.0.1:{handle.port}", tls=True, retries=0) as client:  # not in the system roots
+        with pytest.raises(ServerUnavailable):
+            client.ground(screenshot, "click the Save button")
+
+
+def test_context_manager_closes_the_channel(grounding_server):
+    with GroundingClient(f"127.0.0.1:{grounding_server.port}", token=TOKEN) as client:
+        pass
+    with pytest.raises(ValueError, match="closed channel"):
+        client.ground(np.zeros((64, 64, 3), np.uint8), "click")

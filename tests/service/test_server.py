@@ -71,10 +71,11 @@ def test_png_jpeg_and_raw_round_trips_match_the_engine(make_server, channels, en
     png = stub.Ground(pb.GroundRequest(image=pb.Image(encoded=png_bytes(crop)), instruction="the File menu"))
     _check_against(png, prepared, output, (320, 256))
     assert not png.vision_cache_hit
-    # The same pixels sent raw: the vision features of the PNG request are reused (keyed by content).
+    # The same pixels sent raw, without a session: other bytes, so the ViT runs again (the shared
+    # vision cache is keyed by exact bytes), and the answer is the same.
     raw = stub.Ground(pb.GroundRequest(image=raw_image(crop), instruction="the File menu"))
     _check_against(raw, prepared, output, (320, 256))
-    assert raw.vision_cache_hit and raw.timings.vit_ms == 0 and raw.timings.decode_ms > 0
+    assert not raw.vision_cache_hit and raw.timings.vit_ms > 0 and raw.timings.decode_ms > 0
     jpeg_data = jpeg_bytes(crop)
     jpeg_prepared, jpeg_output = _expect(engine, decode_encoded(jpeg_data, 10**8), "the File menu")
     jpeg = stub.Ground(pb.GroundRequest(image=pb.Image(encoded=jpeg_data), instruction="the File menu"))
@@ -123,7 +124,13 @@ def test_changed_fraction_is_exact_and_new_instruction_reuses_vision(make_server
     assert response.changed_fraction == 3 / 80 and not response.cache_hit and not response.vision_cache_hit
     again = stub.Ground(pb.GroundRequest(image=raw_image(changed), instruction="second", session_id="s"))
     assert again.changed_fraction == 0.0 and not again.cache_hit and again.vision_cache_hit
-    assert counting.grounded == ["first", "first", "second"]
+    assert again.timings.vit_ms == 0
+    # Same pixels as PNG in the same session: the blocks all match, so the vision is reused too.
+    third = stub.Ground(pb.GroundRequest(image=pb.Image(encoded=png_bytes(changed)), instruction="third",
+                                         session_id="s"))
+    assert third.changed_fraction == 0.0 and not third.cache_hit and third.vision_cache_hit
+    assert third.raw_answer == stub.Ground(pb.GroundRequest(image=raw_image(changed), instruction="third")).raw_answer
+    assert counting.grounded == ["first", "first", "second", "third", "third"]
     bigger = np.ascontiguousarray(np.concatenate([crop, crop[:32]]))  # a different geometry
     resized = stub.Ground(pb.GroundRequest(image=raw_image(bigger), instruction="second", session_id="s"))
     assert resized.changed_fraction == 1.0

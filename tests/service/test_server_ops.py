@@ -266,7 +266,7 @@ def test_every_metric_is_exported_and_moves(make_server, channels, redis_server,
     assert after['pixelprune_request_duration_seconds_count{code=OK,rpc=Ground}'] == 4
     assert after["pixelprune_ttft_seconds_count"] == 3 and after["pixelprune_retain_ratio_count"] == 3
     for stage in ("decode", "resize", "select", "patchify", "vit", "prefill", "decode_tokens"):
-        runs = 1 if stage == "vit" else 3  # the ViT ran once: the other two reused its output
+        runs = 2 if stage == "vit" else 3  # the last request reused the raw bytes' vision features
         assert after[f"pixelprune_stage_duration_seconds_count{{stage={stage}}}"] == runs, stage
     assert after["pixelprune_visual_tokens_total{kind=kept}"] == 3 * first.kept_blocks
     assert after["pixelprune_visual_tokens_total{kind=pruned}"] == 3 * (64 - first.kept_blocks) > 0
@@ -278,3 +278,34 @@ def test_every_metric_is_exported_and_moves(make_server, channels, redis_server,
     # KV in use: an estimate while the model runs (exact once the prompt length is known), 0 when idle.
     assert all(v > 0 for v in seen_in_use) and after["pixelprune_kv_cache_in_use_bytes"] == 0
     assert second.kept_blocks == first.kept_blocks and len(seen_in_use) == 3
+
+
+def test_cancelled_stream_stops_consuming_work(make_server, channels, small):
+    handle, counting = make_server()
+    release = _hold_worker(handle)
+    frames = iter([pb.Frame(image=raw_image(small), instruction="abandoned", sequence=1)])
+    call = stub_for(channels(handle.port)).GroundStream(frames, timeout=60)
+    _wait_until(lambda: handle.worker.depth == 1)
+    call.cancel()
+    time.sleep(0.2)
+    release.set()
+    _wait_until(lambda: handle.worker.skipped == 1 and handle.worker.depth == 0)
+    assert counting.grounded == []
+    _wait_until(lambda: handle.metrics.registry.get_sample_value(
+        "pixelprune_request_duration_seconds_count", {"rpc": "GroundStream", "code": "CANCELLED"}) == 1)
+
+
+def test_tls(make_server, tmp_path, small):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    handle, _ = make_server(tls_cert=str(cert), tls_key=str(key))
+    credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    with grpc.secure_channel(f"localhost:{handle.port}", credentials) as channel:
+        code = _code(lambda: stub_for(channel).Ground(pb.GroundRequest(image=raw_image(small), instruction=""),
+                                                      timeout=30))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT  # reached the servicer over TLS
+    with grpc.insecure_channel(f"localhost:{handle.port}") as plain:
+        assert _code(lambda: health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=5)) \
+            == grpc.StatusCode.UNAVAILABLE

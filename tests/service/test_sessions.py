@@ -16,7 +16,7 @@ def _state(seed: int = 0, instruction: str = "the Save button", point=(12.5, 40.
     hashes = np.random.default_rng(seed).integers(0, 2**63, size=(3, 4), dtype=np.uint64)
     return SessionState(
         original_size=(130, 100), resized_size=(128, 96), block_hashes=hashes.astype("<u8").tobytes(),
-        frame_digest=bytes(range(32)), source_digest=bytes([seed]) * 16, instruction=instruction,
+        content_key=bytes(range(16)), source_digest=bytes([seed]) * 16, instruction=instruction,
         settings=(True, "pred2d", "max", 0.0),
         answer=CachedAnswer(raw_text='{"point_2d": [96, 400]}', point=point,
                             point_normalized=None if point is None else (0.096, 0.4), kept_blocks=5, total_blocks=12))
@@ -34,7 +34,7 @@ def test_pack_round_trip_and_damage():
     for state in (_state(), _state(seed=3, instruction="ünïcode ✓", point=None)):
         blob = pack_state(state)
         assert unpack_state(blob) == state
-        assert len(blob) < 96 + 48 + 400  # raw hashes and digests, plus a small JSON
+        assert len(blob) < 96 + 32 + 400  # raw hashes and digests, plus a small JSON
     assert np.array_equal(_state().hashes_array(),
                           np.random.default_rng(0).integers(0, 2**63, size=(3, 4), dtype=np.uint64))
     blob = pack_state(_state())
