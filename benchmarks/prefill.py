@@ -1,6 +1,6 @@
 """Prefill benchmark: full image vs PixelPrune on a mid-size Qwen3-VL with RANDOM weights, on CPU.
 
-    python benchmarks/prefill.py [--runs 3] [--threads 2] [--images FILE ...]
+    python -m benchmarks.prefill [--runs 5] [--threads 2] [--images FILE ...]
 
 The model is built in-process from a config (below) with random weights: the
 times and cache sizes are those of real Qwen3-VL code (transformers'

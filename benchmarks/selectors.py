@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pixelprune import selectors  # noqa: E402
+from pixelprune import geometry, selectors  # noqa: E402
 from pixelprune.geometry import kept_patch_rows, kept_pixel_values, resize_to, smart_resize  # noqa: E402
 from pixelprune.selectors import METHODS, select_blocks  # noqa: E402
 from pixelprune.selectors_torch import select_blocks_torch  # noqa: E402
@@ -137,7 +137,8 @@ def pipeline_table(runs: int) -> list[str]:
                                          image_mean=[0.5] * 3, image_std=[0.5] * 3,
                                          size={"shortest_edge": 65536, "longest_edge": 16777216})
     rows = ["| image (W x H -> resized) | kept / blocks | resize ms | select ms | patchify ms "
-            "| ours total ms | HF processor ms | HF / ours |", "|---|---|---|---|---|---|---|---|"]
+            "| ours total ms | ours, PIL resize ms | HF processor ms | HF / ours | HF / ours with PIL resize |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name, image in pipeline_images():
         height, width = smart_resize(*image.shape[:2])
         pixels = resize_to(image, height, width)
@@ -147,6 +148,13 @@ def pipeline_table(runs: int) -> list[str]:
             resized = resize_to(image, height, width)
             return kept_pixel_values(resized, select_blocks(resized))
 
+        def ours_pil_resize():  # what a machine without numba runs (resize_to falls back to Pillow)
+            kernels, geometry._kernels = geometry._kernels, lambda: None
+            try:
+                return ours()
+            finally:
+                geometry._kernels = kernels
+
         def theirs():
             return processor(images=image, return_tensors="np")
 
@@ -154,11 +162,11 @@ def pipeline_table(runs: int) -> list[str]:
         t_resize, t_select, t_patch = paired_medians(
             [lambda: resize_to(image, height, width), lambda: select_blocks(pixels),
              lambda: kept_pixel_values(pixels, keep)], runs)
-        t_ours, t_hf = paired_medians([ours, theirs], runs)
+        t_ours, t_pil, t_hf = paired_medians([ours, ours_pil_resize, theirs], runs)
         size = f"{image.shape[1]}x{image.shape[0]} -> {width}x{height}"
         rows.append(f"| {name} ({size}) | {int(keep.sum())} / {keep.size} ({keep.mean():.1%}) | "
                     f"{t_resize * 1e3:.1f} | {t_select * 1e3:.1f} | {t_patch * 1e3:.1f} | {t_ours * 1e3:.1f} | "
-                    f"{t_hf * 1e3:.1f} | {t_hf / t_ours:.1f}x |")
+                    f"{t_pil * 1e3:.1f} | {t_hf * 1e3:.1f} | {t_hf / t_ours:.1f}x | {t_hf / t_pil:.1f}x |")
     return rows
 
 

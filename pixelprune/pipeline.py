@@ -164,9 +164,8 @@ def tokenize(processor, messages: list[dict], grids, device="cpu") -> dict[str, 
     video = getattr(processor, "video_token_id", None)
     if video is not None:
         type_ids[full == int(video)] = 2
-    as_tensor = lambda a: torch.from_numpy(a).unsqueeze(0).to(device)  # noqa: E731
-    return {"input_ids": as_tensor(full), "attention_mask": as_tensor(np.ones_like(full)),
-            "mm_token_type_ids": as_tensor(type_ids)}
+    rows = {"input_ids": full, "attention_mask": np.ones_like(full), "mm_token_type_ids": type_ids}
+    return {name: torch.from_numpy(row).unsqueeze(0).to(device) for name, row in rows.items()}
 
 
 def user_message(text: str, num_images: int = 1) -> list[dict]:

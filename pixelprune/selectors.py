@@ -18,6 +18,7 @@ otherwise; both give the same masks.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -44,9 +45,11 @@ def threshold_units(method: str, metric: str, tau: float) -> int:
     tau = float(tau)
     if not math.isfinite(tau) or tau < 0:
         raise ValueError(f"tau must be a finite number >= 0, got {tau}")
-    scale = 255.0 if metric == "max" else 255.0 * BLOCK_VALUES
-    # The epsilon absorbs float error in tau * scale (e.g. tau = 2/255 -> 2).
-    return int(math.floor(tau * scale + 1e-6))
+    largest = 255 if metric == "max" else 255 * BLOCK_VALUES  # distance 1.0 in [0, 1] units
+    if tau >= 1.0:  # no two blocks are further apart than 1.0
+        return largest
+    # The epsilon absorbs float error in tau * largest (e.g. tau = 2/255 -> 2).
+    return int(math.floor(tau * largest + 1e-6))
 
 
 def scan_order(method: str, rows: int, cols: int) -> np.ndarray:
@@ -108,6 +111,7 @@ def _exact_mask(pixels: np.ndarray, method: str) -> np.ndarray:
 
 # ------------------------------------------------- tau > 0, compiled (numba)
 _KERNELS: dict[str, object] = {}  # compiled kernels by name; {"missing": True} without numba
+_KERNELS_LOCK = threading.Lock()
 
 
 def _block_similar(words, cols, i, j, is_max, thr):
@@ -176,18 +180,19 @@ def _sequence_kernel(words, cols, order, is_max, thr):
 
 
 def _numba_kernels() -> bool:
-    """Compile the kernels on first use; False when numba is not installed."""
-    if not _KERNELS:
-        try:
-            import numba
-        except ImportError:
-            _KERNELS["missing"] = True
-            return False
-        jit = numba.njit(cache=True, nogil=True, boundscheck=False)
-        # The kernels call `_block_similar` through this module's globals.
-        globals()["_block_similar"] = jit(_block_similar)
-        _KERNELS["pred2d"] = jit(_pred2d_kernel)
-        _KERNELS["sequence"] = jit(_sequence_kernel)
+    """Compile the kernels on first use (once, even with concurrent callers);
+    False when numba is not installed."""
+    with _KERNELS_LOCK:
+        if not _KERNELS:
+            try:
+                import numba
+            except ImportError:
+                _KERNELS["missing"] = True
+                return False
+            jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+            # The kernels call `_block_similar` through this module's globals.
+            globals()["_block_similar"] = jit(_block_similar)
+            _KERNELS.update(pred2d=jit(_pred2d_kernel), sequence=jit(_sequence_kernel))
     return "missing" not in _KERNELS
 
 

@@ -47,6 +47,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "deadline expired before the model ran"
     if isinstance(exc, Cancelled):
         return grpc.StatusCode.CANCELLED, str(exc) or "request cancelled"
+    if type(exc).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "the model ran out of device memory; retry with a smaller image"
     if isinstance(exc, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc) or "invalid argument"
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"

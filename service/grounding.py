@@ -146,9 +146,11 @@ class Grounder:
         if query.session_id and not SESSION_ID.fullmatch(query.session_id):
             raise ValueError("session_id must be 1..128 characters of [A-Za-z0-9._:-]")
 
-    def ground(self, query: GroundQuery, deadline: float | None = None,
-               is_active: Callable[[], bool] = lambda: True) -> GroundAnswer:
-        """Answer one query. `deadline` is a time.monotonic() value; ValueError for bad input."""
+    def ground(self, query: GroundQuery, deadline: float | None = None, is_active: Callable[[], bool] = lambda: True,
+               wait_while: Callable[[], bool] | None = None) -> GroundAnswer:
+        """Answer one query. `deadline` is a time.monotonic() value; ValueError for bad input.
+
+        A full model queue raises QueueFull at once, or, with `wait_while`, once it turns False."""
         arrival = time.perf_counter()
         self.validate(query)
         settings, key = resolve_pruning(query.pruning, self.defaults)
@@ -175,7 +177,7 @@ class Grounder:
             raise DeadlineExpired("deadline expired before the model ran")
         vkey = vision_key(content, key, prepared.resized_size)
         job = self.worker.run(lambda: self._model_step(prepared, query.instruction, vkey),
-                              deadline=deadline, is_active=is_active)
+                              deadline=deadline, is_active=is_active, wait_while=wait_while)
         output, started = job.value
         answer = CachedAnswer(raw_text=output.raw_text, point=output.point, point_normalized=output.point_normalized,
                               kept_blocks=output.kept_blocks, total_blocks=output.total_blocks)
@@ -204,6 +206,8 @@ class Grounder:
         self.metrics.set_kv_in_use(estimate)
         try:
             output = self.engine.ground(prepared, instruction, vision=vision)
+        except ValueError as exc:  # the input was validated before: this is a bug, not bad input
+            raise RuntimeError(f"engine.ground failed: {exc}") from exc
         finally:
             self.metrics.set_kv_in_use(0)
         if vision is None:

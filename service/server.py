@@ -111,7 +111,8 @@ def create_server(config: ServiceConfig, engine=None, registry: CollectorRegistr
     grounder = Grounder(engine, _session_store(config, metrics), LRUCache(config.vision_cache_size), worker,
                         metrics, defaults, config.max_image_pixels, config.max_instruction_chars)
     token = config.auth_token()
-    interceptors = [BearerAuthInterceptor(token)] if token else []
+    denied = lambda method: metrics.record_request(method.rsplit("/", 1)[-1], "UNAUTHENTICATED", 0.0)  # noqa: E731
+    interceptors = [BearerAuthInterceptor(token, on_denied=denied)] if token else []
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes),
                ("grpc.so_reuseport", 0)]

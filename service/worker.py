@@ -22,6 +22,7 @@ from typing import Any, Callable
 from service.errors import Cancelled, DeadlineExpired, QueueFull
 
 log = logging.getLogger(__name__)
+WAIT_POLL_S = 0.05  # how often a submitter waiting for room re-checks whether it still wants to wait
 
 
 @dataclass
@@ -51,7 +52,6 @@ class ModelWorker:
         self._on_wait = on_wait or (lambda seconds: None)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._stopping = False
-        self.busy = False  # True while a job runs (read by tests and drain)
         self.skipped = 0  # jobs not run: deadline passed or RPC cancelled
         self._thread.start()
 
@@ -61,22 +61,30 @@ class ModelWorker:
         return self._queue.qsize()
 
     def submit(self, fn: Callable[[], Any], deadline: float | None = None,
-               is_active: Callable[[], bool] = lambda: True) -> Future:
-        """Queue fn; its Future resolves to a JobResult. QueueFull at once when there is no room."""
-        if self._stopping:
-            raise QueueFull("server is shutting down")
+               is_active: Callable[[], bool] = lambda: True,
+               wait_while: Callable[[], bool] | None = None) -> Future:
+        """Queue fn; its Future resolves to a JobResult.
+
+        With no room: QueueFull at once, or, given `wait_while`, wait for room for as long as
+        wait_while() stays True (polled every WAIT_POLL_S), then QueueFull."""
         job = _Job(fn=fn, deadline=deadline, is_active=is_active)
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(f"server busy: {self._queue.maxsize} requests already wait for the model") from None
+        while True:
+            if self._stopping:
+                raise QueueFull("server is shutting down")
+            try:
+                self._queue.put(job, timeout=WAIT_POLL_S) if wait_while is not None else self._queue.put_nowait(job)
+                break
+            except queue.Full:
+                if wait_while is None or not wait_while():
+                    raise QueueFull(f"server busy: {self._queue.maxsize} requests already wait for the model") \
+                        from None
         self._on_depth(self._queue.qsize())
         return job.future
 
-    def run(self, fn: Callable[[], Any], deadline: float | None = None,
-            is_active: Callable[[], bool] = lambda: True) -> JobResult:
+    def run(self, fn: Callable[[], Any], deadline: float | None = None, is_active: Callable[[], bool] = lambda: True,
+            wait_while: Callable[[], bool] | None = None) -> JobResult:
         """submit() and wait for the result (re-raising the job's exception)."""
-        return self.submit(fn, deadline, is_active).result()
+        return self.submit(fn, deadline, is_active, wait_while).result()
 
     def _loop(self) -> None:
         while True:
@@ -97,13 +105,10 @@ class ModelWorker:
                 self.skipped += 1
                 job.future.set_exception(Cancelled("request cancelled while queued"))
                 continue
-            self.busy = True
             try:
                 job.future.set_result(JobResult(value=job.fn(), queue_wait_s=wait))
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting RPC thread
                 job.future.set_exception(exc)
-            finally:
-                self.busy = False
 
     def stop(self, timeout: float | None = None) -> None:
         """Refuse new jobs, finish the queued ones, end the thread."""

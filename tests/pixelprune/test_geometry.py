@@ -78,7 +78,8 @@ def screenshot_like(width: int, height: int, seed: int) -> np.ndarray:
     image = np.full((height, width, 3), 245, np.uint8)
     for _ in range(12):
         y, x = rng.integers(0, height), rng.integers(0, width)
-        image[y:y + rng.integers(1, height // 3 + 2), x:x + rng.integers(1, width // 3 + 2)] = rng.integers(0, 256, 3)
+        tall, wide = rng.integers(1, height // 3 + 2), rng.integers(1, width // 3 + 2)
+        image[y:y + tall, x:x + wide] = rng.integers(0, 256, 3)
     noisy = rng.random((height, width)) < 0.1
     image[noisy] = rng.integers(0, 256, (int(noisy.sum()), 3))
     return image
@@ -101,6 +102,23 @@ def test_matches_the_processor(width, height):
     rows = kept_patch_rows(keep)
     assert rows.dtype == np.int64 and rows.size == 4 * keep.sum()
     np.testing.assert_array_equal(kept_pixel_values(pixels, keep), out["pixel_values"][rows])
+
+
+ONE_SIDE = [(1080, 1920, 1088, 1920), (2160, 3840, 2176, 3840), (1800, 2880, 1792, 2880), (3000, 64, 1000, 64),
+            (123, 96, 777, 96), (5000, 32, 4096, 32), (33, 64, 32, 64), (1, 32, 300, 32), (50, 1170, 50, 1184),
+            (40, 1000, 40, 333), (40, 333, 40, 1000), (64, 7, 64, 256)]
+
+
+@pytest.mark.parametrize("height, width, new_h, new_w", ONE_SIDE)
+def test_compiled_one_side_resize_equals_pillow(monkeypatch, height, width, new_h, new_w):
+    if geometry._kernels() is None:
+        pytest.skip("numba is not installed: resize_to always uses Pillow")
+    image = screenshot_like(width, height, seed=new_h + new_w)
+    expected = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(geometry._resize_one_side(image, new_h, new_w), expected)
+    np.testing.assert_array_equal(resize_to(image, new_h, new_w), expected)
+    monkeypatch.setattr(geometry, "_kernels", lambda: None)  # the Pillow fallback
+    np.testing.assert_array_equal(resize_to(image, new_h, new_w), expected)
 
 
 def test_no_resize_returns_the_input():

@@ -34,7 +34,8 @@ def test_matches_slow_reference():
     assert got.dtype == np.uint64 and got.shape == (3, 4)
     for r in range(3):
         for c in range(4):
-            assert int(got[r, c]) == slow_block_hash(np.ascontiguousarray(pixels[32 * r:32 * r + 32, 32 * c:32 * c + 32]))
+            block = np.ascontiguousarray(pixels[32 * r:32 * r + 32, 32 * c:32 * c + 32])
+            assert int(got[r, c]) == slow_block_hash(block)
 
 
 def test_multipliers_are_odd_and_distinct():

@@ -4,6 +4,9 @@ authors' keep sets on the shared corpus, and on hand-made grids."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -180,6 +183,29 @@ def test_non_contiguous_input_and_fallback(monkeypatch):
         monkeypatch.undo()
 
 
+def test_without_numba_installed():
+    """`import numba` failing must leave the numpy/Pillow paths, with the same results."""
+    code = """
+import sys
+if sys.argv[1] == "without":
+    sys.modules["numba"] = None  # any `import numba` now raises ImportError
+import numpy as np
+from pixelprune import geometry, selectors
+print(selectors._numba_kernels(), geometry._kernels() is not None)
+rng = np.random.default_rng(0)
+pixels = np.repeat(rng.integers(0, 256, (4, 5, 1, 1, 3), dtype=np.uint8), 32, 2).repeat(32, 3)
+pixels = np.ascontiguousarray(pixels.transpose(0, 2, 1, 3, 4).reshape(128, 160, 3))
+pixels[:, 64:] = pixels[:, :96] // 2 * 2
+for method in selectors.METHODS:
+    print(method, selectors.select_blocks(pixels, method, "max", 0.05).astype(int).tolist())
+print(geometry.resize_to(pixels, 136, 160).sum())
+"""
+    runs = {mode: subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
+                                 check=True).stdout.splitlines() for mode in ("without", "with")}
+    assert runs["without"][0] == "False False"
+    assert runs["without"][1:] == runs["with"][1:] and len(runs["with"]) == 5
+
+
 # ------------------------------------------------------------ authors' keep sets
 CONFIGS = [("pred_2d", "exact", 0.0), ("raster", "exact", 0.0), ("serpentine", "exact", 0.0),
            ("pred_2d", "max", 0.02), ("pred_2d", "max", 0.05), ("pred_2d", "mae", 0.02)]
@@ -217,6 +243,17 @@ def test_threshold_units():
     assert threshold_units("pred2d", "mae", 0.02) == 15667  # 0.02 * 255 * 3072 = 15667.2
     assert threshold_units("raster", "mae", 0) == 0
     assert threshold_units("raster", "max", 1.0) == 255
+    assert threshold_units("raster", "max", 1e300) == 255  # capped: every block is similar
+    assert threshold_units("raster", "mae", 1e300) == 255 * 3072
+    assert threshold_units("raster", "mae", 1.7e308) == 255 * 3072
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_huge_tau_keeps_only_the_anchor(method, metric):
+    pixels = np.random.default_rng(5).integers(0, 256, (96, 64, 3), dtype=np.uint8)
+    for backend in BACKENDS:
+        assert run_backend(pixels, method, metric, 1e300, backend).tolist() == [[T, F], [F, F], [F, F]]
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -81,6 +81,14 @@ def test_hand_made_vertical_edge_and_degenerate():
     assert select_blocks_torch(torch.zeros((32, 32, 3), dtype=torch.uint8)).tolist() == [[True]]
 
 
+def test_huge_tau_keeps_only_the_anchor():
+    pixels = torch.from_numpy(planted_image(9, 3, 2))
+    for method in METHODS:
+        for metric in METRICS:
+            assert select_blocks_torch(pixels, method, metric, 1e300).tolist() == [[True, False], [False, False],
+                                                                                    [False, False]]
+
+
 def test_non_contiguous_tensor():
     pixels = planted_image(3, 3, 4)
     tensor = torch.from_numpy(np.pad(pixels, ((0, 0), (0, 64), (0, 0))))[:, :128]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
@@ -17,7 +16,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from pixelprune.grounding.v1 import grounding_pb2 as pb
 from tests.conftest import free_port
@@ -309,3 +307,30 @@ def test_tls(make_server, tmp_path, small):
     with grpc.insecure_channel(f"localhost:{handle.port}") as plain:
         assert _code(lambda: health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=5)) \
             == grpc.StatusCode.UNAVAILABLE
+
+
+def test_stream_waits_for_room_instead_of_failing(make_server, channels, small):
+    """queue-size 1, held worker, one unary request queued: a stream's frame waits for room; a
+    newer frame replaces it while it waits; a unary request in the same state is refused."""
+    handle, counting = make_server(queue_size=1)
+    stub = stub_for(channels(handle.port))
+    release = _hold_worker(handle)
+    queued = stub.Ground.future(pb.GroundRequest(image=raw_image(small), instruction="unary"), timeout=60)
+    _wait_until(lambda: handle.worker.depth == 1)
+    from tests.service.test_server import FrameFeed
+    feed = FrameFeed()
+    responses = stub.GroundStream(iter(feed), timeout=60)
+    feed.send(pb.Frame(image=raw_image(small), instruction="old", sequence=1))
+    time.sleep(0.3)  # frame 1 waits for room
+    assert _code(lambda: stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="x"), timeout=10)) == \
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    newer = small.copy()
+    newer[0, 0] ^= 1
+    feed.send(pb.Frame(image=raw_image(newer), instruction="new", sequence=2))
+    time.sleep(0.3)  # frame 2 replaces frame 1 and waits in its place
+    feed.send(None)
+    release.set()
+    answers = list(responses)
+    assert queued.result().total_blocks == 64
+    assert [(a.sequence, a.skipped_frames) for a in answers] == [(2, 1)]
+    assert counting.grounded == ["unary", "new"]

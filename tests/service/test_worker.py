@@ -119,3 +119,19 @@ def test_vision_key_separates_settings_and_sizes():
     assert a == vision_key(bytearray(b"d"), [True, "pred2d", "max", 0.0], [64, 32])
     assert a != vision_key(b"d", (False, "pred2d", "max", 0.0), (64, 32))
     assert a != vision_key(b"d", (True, "pred2d", "max", 0.0), (32, 64))
+
+
+def test_waiting_for_room_while_wanted(worker):
+    release = _block(worker)
+    worker.submit(lambda: 1), worker.submit(lambda: 2)  # the queue (2) is full
+    wanted = [True]
+    threading.Timer(0.3, release.set).start()  # room appears once the blocker ends
+    started = time.perf_counter()
+    assert worker.run(lambda: 3, wait_while=lambda: wanted[0]).value == 3
+    assert time.perf_counter() - started >= 0.25
+    release2 = _block(worker)
+    worker.submit(lambda: 1), worker.submit(lambda: 2)
+    threading.Timer(0.2, lambda: wanted.__setitem__(0, False)).start()  # stops wanting before room appears
+    with pytest.raises(QueueFull):
+        worker.submit(lambda: 3, wait_while=lambda: wanted[0])
+    release2.set()
