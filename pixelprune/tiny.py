@@ -147,6 +147,7 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = Qwen3VLConfig(**json.loads(json.dumps(TINY_CONFIG)))
+    config.pixelprune_random_weights = True  # read by the engine: outputs must be labelled meaningless
     with torch.random.fork_rng():  # leave the caller's global RNG as it was
         torch.manual_seed(seed)
         model = Qwen3VLForConditionalGeneration(config).eval()

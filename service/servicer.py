@@ -6,8 +6,8 @@ instruction and pruning settings of every frame still apply in order), and the
 RPC's own thread, which answers the newest frame, then the next newest, and
 reports how many frames were skipped in between. A stream holds at most one
 request in the model queue; when the queue is full, the stream's frame waits for
-room (while no newer frame arrives) instead of failing the stream: overload shows
-as latency and skipped frames, and unary Ground calls still get RESOURCE_EXHAUSTED.
+room instead of failing the stream: overload shows as latency and skipped frames
+(unary Ground calls still get RESOURCE_EXHAUSTED at once).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from pixelprune.grounding.v1 import grounding_pb2 as pb
 from pixelprune.grounding.v1 import grounding_pb2_grpc as pb_grpc
-from service.errors import QueueFull, stream_errors, unary_errors
+from service.errors import stream_errors, unary_errors
 from service.grounding import GroundAnswer, Grounder, GroundQuery, PruningRequest
 from service.images import RawImage
 from service.metrics import ServiceMetrics
@@ -111,15 +111,6 @@ class NewestFrame:
             self.error = self.error or error
             self._cond.notify()
 
-    def has_pending(self) -> bool:
-        """A frame is waiting to be answered."""
-        return self._pending is not None
-
-    def add_skipped(self, count: int) -> None:
-        """Frames taken but dropped in favour of a newer one (reported with the next answer)."""
-        with self._cond:
-            self._skipped += count
-
     def take(self) -> tuple[_Pending, int] | None:
         """The newest frame and the frames skipped before it; None when the stream is over."""
         with self._cond:
@@ -180,15 +171,11 @@ class GroundingServicer(pb_grpc.GroundingServicer):
                          name="pixelprune-stream-reader").start()
         while (item := slot.take()) is not None:
             pending, skipped = item
-            try:  # a full queue: wait for room while this is the newest frame
-                answer = self.grounder.ground(pending.query, deadline=deadline_of(context),
-                                              is_active=context.is_active,
-                                              wait_while=lambda: not slot.has_pending() and context.is_active())
-            except QueueFull:
-                if not (slot.has_pending() and context.is_active()):
-                    raise
-                slot.add_skipped(skipped + 1)  # a newer frame came while waiting: it goes next
-                continue
+            # A full queue: this frame (already decoded and prepared) waits for room; newer
+            # frames meanwhile replace each other in the slot, so no CPU goes into frames
+            # that will never be answered.
+            answer = self.grounder.ground(pending.query, deadline=deadline_of(context),
+                                          is_active=context.is_active, wait_while=context.is_active)
             yield to_pb(answer, skipped_frames=skipped, sequence=pending.sequence)
         if slot.error is not None:
             raise slot.error

@@ -185,3 +185,14 @@ def test_keep_all_answers_like_the_stock_model(engine, screenshot):
     new = ids[0, inputs["input_ids"].shape[1]:]
     assert out.generated_tokens == len(new)
     assert out.raw_text == processor.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_bfloat16_engine_runs(tiny_checkpoint, screenshot):
+    engine = GroundingEngine.load(ModelSpec(model=str(tiny_checkpoint), dtype="bfloat16", max_new_tokens=2))
+    assert engine.dtype == torch.bfloat16
+    prepared = engine.prepare(screenshot, PruneSettings())
+    assert prepared.pixel_values.dtype == torch.bfloat16
+    out = engine.ground(prepared, "Open the menu")
+    assert 1 <= out.generated_tokens <= 2
+    prompt_tokens = _prompt_tokens(engine, prepared, "Open the menu")
+    assert out.kv_cache_bytes == prompt_tokens * 4 * 2 * 2 * 32 * 2  # 2 bytes per bfloat16 value

@@ -310,8 +310,8 @@ def test_tls(make_server, tmp_path, small):
 
 
 def test_stream_waits_for_room_instead_of_failing(make_server, channels, small):
-    """queue-size 1, held worker, one unary request queued: a stream's frame waits for room; a
-    newer frame replaces it while it waits; a unary request in the same state is refused."""
+    """queue-size 1, held worker, one unary request queued: a stream's frame waits for room (a
+    unary request in the same state is refused); newer frames replace each other meanwhile."""
     handle, counting = make_server(queue_size=1)
     stub = stub_for(channels(handle.port))
     release = _hold_worker(handle)
@@ -320,17 +320,18 @@ def test_stream_waits_for_room_instead_of_failing(make_server, channels, small):
     from tests.service.test_server import FrameFeed
     feed = FrameFeed()
     responses = stub.GroundStream(iter(feed), timeout=60)
-    feed.send(pb.Frame(image=raw_image(small), instruction="old", sequence=1))
+    feed.send(pb.Frame(image=raw_image(small), instruction="first", sequence=1))
     time.sleep(0.3)  # frame 1 waits for room
     assert _code(lambda: stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="x"), timeout=10)) == \
         grpc.StatusCode.RESOURCE_EXHAUSTED
-    newer = small.copy()
-    newer[0, 0] ^= 1
-    feed.send(pb.Frame(image=raw_image(newer), instruction="new", sequence=2))
-    time.sleep(0.3)  # frame 2 replaces frame 1 and waits in its place
+    for sequence in (2, 3):
+        newer = small.copy()
+        newer[0, sequence] ^= 1
+        feed.send(pb.Frame(image=raw_image(newer), instruction=f"frame {sequence}", sequence=sequence))
+    time.sleep(0.3)  # frame 3 replaces frame 2 in the slot
     feed.send(None)
     release.set()
     answers = list(responses)
     assert queued.result().total_blocks == 64
-    assert [(a.sequence, a.skipped_frames) for a in answers] == [(2, 1)]
-    assert counting.grounded == ["unary", "new"]
+    assert [(a.sequence, a.skipped_frames) for a in answers] == [(1, 0), (3, 1)]
+    assert counting.grounded == ["unary", "first", "frame 3"]
