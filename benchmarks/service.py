@@ -241,6 +241,7 @@ def main(argv=None) -> int:
         from pixelprune.tiny import write_tiny_checkpoint
         model = str(write_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", seed=0))
 
+    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())} ({os.cpu_count()} cores)")
     rows = overhead(model, args.runs)
     print(f"\n### 1. Per-request overhead, 1080p PNG ({args.runs} runs, ms)\n")
     print("| quantity | no session p50 | p95 | in a session p50 | p95 |\n| --- | ---: | ---: | ---: | ---: |")
@@ -270,6 +271,7 @@ def main(argv=None) -> int:
         print(f"| {r['streams']} | {r['sent']} | {len(r['latency'])} | {len(r['latency']) / r['elapsed']:.1f} | "
               f"{sum(r['hits'])} | {sum(r['skipped'])} | {codes} | {pct(r['latency'], 50):.0f} | "
               f"{pct(r['latency'], 95):.0f} |")
+    print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return 0
 
 

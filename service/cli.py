@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 
+from pixelprune.cli import CliError
 from service import config as service_config
 
 log = logging.getLogger("pixelprune.serve")
@@ -20,7 +21,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from service.server import load_engine, serve  # torch and transformers load here, after the flags are valid
 
-    engine = load_engine(config)
+    try:
+        engine = load_engine(config)
+    except OSError as exc:  # not found locally nor on the hub, no network, unreadable files
+        raise CliError(f"cannot load model {config.model!r}: {' '.join(str(exc).split())}") from exc
     log.info("model %s on %s (%s), max %d new tokens; sessions in %s; pruning %s",
              config.model, engine.device, str(engine.dtype).replace("torch.", ""), config.max_new_tokens,
              "Redis" if config.redis_url else "this process",

@@ -54,7 +54,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
 
 
-def _abort(context: grpc.ServicerContext, rpc: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
+def _mapped(rpc: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
     code, message = status_of(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.error("%s failed with a bug", rpc, exc_info=exc)
@@ -70,7 +70,7 @@ def unary_errors(rpc: str) -> Callable:
             try:
                 response = handler(self, request, context)
             except Exception as exc:  # noqa: BLE001 - this is the one mapping point
-                code, message = _abort(context, rpc, exc)
+                code, message = _mapped(rpc, exc)
                 on_done(rpc, code.name, time.perf_counter() - start)
                 context.abort(code, message)
             on_done(rpc, "OK", time.perf_counter() - start)
@@ -80,7 +80,8 @@ def unary_errors(rpc: str) -> Callable:
 
 
 def stream_errors(rpc: str) -> Callable:
-    """Decorator for a response-streaming handler (a generator): same mapping as `unary_errors`."""
+    """Decorator for a response-streaming handler (a generator): same mapping as `unary_errors`.
+    A stream's duration is its whole lifetime."""
     def wrap(handler):
         @functools.wraps(handler)
         def wrapped(self, request_iterator, context) -> Iterator:
@@ -88,13 +89,13 @@ def stream_errors(rpc: str) -> Callable:
             try:
                 yield from handler(self, request_iterator, context)
             except Exception as exc:  # noqa: BLE001
-                code, message = _abort(context, rpc, exc)
+                code, message = _mapped(rpc, exc)
                 on_done(rpc, code.name, time.perf_counter() - start)
                 context.abort(code, message)
             except GeneratorExit:  # the client went away mid-stream
                 on_done(rpc, "CANCELLED", time.perf_counter() - start)
                 raise
-            on_done(rpc, "OK", time.perf_counter() - start)
+            on_done(rpc, "OK" if context.is_active() else "CANCELLED", time.perf_counter() - start)
         return wrapped
     return wrap
 

@@ -85,12 +85,15 @@ def _session_store(config: ServiceConfig, metrics: ServiceMetrics):
 
 def _bind(server: grpc.Server, config: ServiceConfig) -> int:
     address = f"{config.host}:{config.port}"
-    if config.tls_cert is None:
-        port = server.add_insecure_port(address)
-    else:
-        with open(config.tls_key, "rb") as f_key, open(config.tls_cert, "rb") as f_cert:
-            credentials = grpc.ssl_server_credentials([(f_key.read(), f_cert.read())])
-        port = server.add_secure_port(address, credentials)
+    try:
+        if config.tls_cert is None:
+            port = server.add_insecure_port(address)
+        else:
+            with open(config.tls_key, "rb") as f_key, open(config.tls_cert, "rb") as f_cert:
+                credentials = grpc.ssl_server_credentials([(f_key.read(), f_cert.read())])
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+        raise ValueError(f"cannot bind gRPC to {address}: {exc}") from None
     if port == 0:
         raise ValueError(f"cannot bind gRPC to {address}")
     return port
@@ -103,6 +106,7 @@ def create_server(config: ServiceConfig, engine=None, registry: CollectorRegistr
     engine: a loaded GroundingEngine (None = load config.model). registry: where metrics go
     (None = a fresh one). warmup=False leaves health NOT_SERVING until handle.warmup()."""
     config.validate()
+    token = config.auth_token()
     engine = engine if engine is not None else load_engine(config)
     metrics = ServiceMetrics(registry)
     worker = ModelWorker(config.queue_size, on_depth=metrics.record_queue_depth, on_wait=metrics.record_queue_wait)
@@ -110,7 +114,6 @@ def create_server(config: ServiceConfig, engine=None, registry: CollectorRegistr
                                metric=config.prune_metric, tau=config.prune_tau)
     grounder = Grounder(engine, _session_store(config, metrics), LRUCache(config.vision_cache_size), worker,
                         metrics, defaults, config.max_image_pixels, config.max_instruction_chars)
-    token = config.auth_token()
     denied = lambda method: metrics.record_request(method.rsplit("/", 1)[-1], "UNAUTHENTICATED", 0.0)  # noqa: E731
     interceptors = [BearerAuthInterceptor(token, on_denied=denied)] if token else []
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
@@ -127,11 +130,18 @@ def create_server(config: ServiceConfig, engine=None, registry: CollectorRegistr
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = _bind(server, config)
-    server.start()
     metrics_server = None
-    if config.metrics_port >= 0:
-        metrics_server = start_metrics_server(metrics.registry, config.metrics_port, config.host)
+    try:
+        port = _bind(server, config)
+        if config.metrics_port >= 0:
+            try:
+                metrics_server = start_metrics_server(metrics.registry, config.metrics_port, config.host)
+            except OSError as exc:
+                raise ValueError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}") from None
+    except ValueError:
+        worker.stop(timeout=1)
+        raise
+    server.start()
     handle = ServerHandle(server=server, port=port, metrics_port=metrics_server.port if metrics_server else None,
                           grounder=grounder, metrics=metrics, health=health_servicer, worker=worker,
                           _metrics_server=metrics_server)

@@ -53,6 +53,8 @@ class ModelWorker:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._stopping = False
         self.skipped = 0  # jobs not run: deadline passed or RPC cancelled
+        self.waiting = 0  # submitters waiting for room (streams; see submit's wait_while)
+        self._waiting_lock = threading.Lock()
         self._thread.start()
 
     @property
@@ -68,18 +70,31 @@ class ModelWorker:
         With no room: QueueFull at once, or, given `wait_while`, wait for room for as long as
         wait_while() stays True (polled every WAIT_POLL_S), then QueueFull."""
         job = _Job(fn=fn, deadline=deadline, is_active=is_active)
-        while True:
-            if self._stopping:
-                raise QueueFull("server is shutting down")
-            try:
-                self._queue.put(job, timeout=WAIT_POLL_S) if wait_while is not None else self._queue.put_nowait(job)
-                break
-            except queue.Full:
-                if wait_while is None or not wait_while():
-                    raise QueueFull(f"server busy: {self._queue.maxsize} requests already wait for the model") \
-                        from None
+        if self._stopping:
+            raise QueueFull("server is shutting down")
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            if wait_while is None:
+                raise QueueFull(f"server busy: {self._queue.maxsize} requests already wait for the model") from None
+            self._wait_for_room(job, wait_while)
         self._on_depth(self._queue.qsize())
         return job.future
+
+    def _wait_for_room(self, job: _Job, wait_while: Callable[[], bool]) -> None:
+        with self._waiting_lock:
+            self.waiting += 1
+        try:
+            while wait_while() and not self._stopping:
+                try:
+                    self._queue.put(job, timeout=WAIT_POLL_S)
+                    return
+                except queue.Full:
+                    continue
+            raise QueueFull("server is shutting down" if self._stopping else "gave up waiting for the model queue")
+        finally:
+            with self._waiting_lock:
+                self.waiting -= 1
 
     def run(self, fn: Callable[[], Any], deadline: float | None = None, is_active: Callable[[], bool] = lambda: True,
             wait_while: Callable[[], bool] | None = None) -> JobResult:

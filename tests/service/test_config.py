@@ -13,8 +13,10 @@ def test_defaults_are_the_documented_ones():
     config = from_args_and_env([], {})
     assert (config.port, config.metrics_port, config.host) == (50051, 9464, "0.0.0.0")
     assert config.max_message_bytes == 64 * MIB and config.max_image_pixels == 50_000_000
-    assert (config.queue_size, config.session_ttl_s, config.vision_cache_size, config.drain_grace_s) == (16, 600.0, 32, 30.0)
-    assert (config.prune_enabled, config.prune_method, config.prune_metric, config.prune_tau) == (True, "pred2d", "max", 0.0)
+    assert (config.queue_size, config.session_ttl_s, config.vision_cache_size, config.drain_grace_s) == \
+        (16, 600.0, 32, 30.0)
+    assert (config.prune_enabled, config.prune_method, config.prune_metric, config.prune_tau) == \
+        (True, "pred2d", "max", 0.0)
     assert config.redis_url is None and config.auth_token_file is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.port = 1
@@ -25,7 +27,8 @@ def test_environment_fills_in_and_flags_win():
            "PIXELPRUNE_PRUNE_TAU": "0.25", "PIXELPRUNE_NO_PRUNE": "true", "PIXELPRUNE_MODEL": "/ckpt"}
     config = from_args_and_env(["--port", "7000", "--prune-method", "raster"], env)
     assert config.port == 7000  # flag wins
-    assert (config.queue_size, config.redis_url, config.prune_tau, config.model) == (3, "redis://r:6379/1", 0.25, "/ckpt")
+    assert (config.queue_size, config.redis_url, config.prune_tau, config.model) == \
+        (3, "redis://r:6379/1", 0.25, "/ckpt")
     assert config.prune_method == "raster" and config.prune_enabled is False
     assert from_args_and_env(["--no-prune"], {}).prune_enabled is False
     assert from_args_and_env([], {"PIXELPRUNE_NO_PRUNE": "0"}).prune_enabled is True

@@ -11,7 +11,7 @@ import pytest
 from pixelprune.grounding.v1 import grounding_pb2 as pb
 from service.errors import Cancelled, DeadlineExpired, QueueFull, status_of
 from service.images import ImageError
-from tests.service.conftest import raw_image, scrape, stub_for
+from service_testlib import raw_image, scrape, stub_for
 
 
 class OutOfMemoryError(RuntimeError):

@@ -6,7 +6,6 @@ answers come from calling the same engine directly on the same pixels.
 
 from __future__ import annotations
 
-import queue
 import threading
 
 import grpc
@@ -16,7 +15,7 @@ from PIL import Image
 
 from pixelprune.engine import PruneSettings
 from pixelprune.grounding.v1 import grounding_pb2 as pb
-from tests.service.conftest import jpeg_bytes, png_bytes, raw_image, stub_for
+from service_testlib import FrameFeed, jpeg_bytes, png_bytes, raw_image, stub_for
 from service.images import decode_encoded
 
 DESKTOP = "desktop_pcmanfm_xterm_mousepad_1920x1080.png"
@@ -136,20 +135,6 @@ def test_changed_fraction_is_exact_and_new_instruction_reuses_vision(make_server
     assert resized.changed_fraction == 1.0
 
 
-class FrameFeed:
-    """A request iterator the test feeds one frame at a time."""
-
-    def __init__(self):
-        self._queue: queue.Queue = queue.Queue()
-
-    def send(self, frame: pb.Frame | None) -> None:
-        self._queue.put(frame)
-
-    def __iter__(self):
-        while (frame := self._queue.get()) is not None:
-            yield frame
-
-
 def _frames_differing(crop, count):
     out = []
     for k in range(count):
@@ -175,7 +160,7 @@ def test_stream_newest_frame_wins_and_state_applies_in_order(make_server, channe
     feed.send(pb.Frame(image=raw_image(images[3]), sequence=13, pruning=pb.PruningSettings(disabled=True)))
     feed.send(pb.Frame(image=raw_image(images[4]), sequence=14))
     feed.send(None)
-    threading.Event().wait(0.5)  # the reader takes every frame as it arrives
+    assert feed.drained.wait(30)  # the reader has taken every frame (newest wins in its slot)
     release.set()
     answers = list(responses)
     assert [(r.sequence, r.skipped_frames) for r in answers] == [(10, 0), (14, 3)]

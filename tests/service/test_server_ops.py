@@ -18,8 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pixelprune.grounding.v1 import grounding_pb2 as pb
-from tests.conftest import free_port
-from tests.service.conftest import png_bytes, raw_image, scrape, stub_for
+from service_testlib import FrameFeed, free_port, png_bytes, raw_image, scrape, stub_for
 
 SERVICE = "pixelprune.grounding.v1.Grounding"
 
@@ -97,6 +96,23 @@ def test_malformed_requests_get_invalid_argument_and_never_crash(make_server, ch
     assert ok.total_blocks == 64
 
 
+def test_malformed_stream_frames_end_the_stream_with_invalid_argument(make_server, channels):
+    handle, counting = make_server()
+    stub = stub_for(channels(handle.port))
+    frames = st.lists(st.builds(lambda image, pruning, text: pb.Frame(image=image, pruning=pruning, instruction=text),
+                                _bad_images, _pruning, st.text(max_size=20)), min_size=1, max_size=3)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(frames=frames)
+    def check(frames):
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.GroundStream(iter(frames), timeout=30))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+
+    check()
+    assert counting.grounded == []
+
+
 def test_message_larger_than_the_limit_is_refused(make_server, channels):
     handle, _ = make_server(max_message_bytes=64 * 1024)
     code = _code(lambda: stub_for(channels(handle.port)).Ground(
@@ -142,8 +158,9 @@ def test_deadline_expired_while_queued_is_not_run(make_server, channels, small):
     handle, counting = make_server()
     stub = stub_for(channels(handle.port))
     release = _hold_worker(handle)
-    code = _code(lambda: stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="too late"), timeout=1.0))
-    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    future = stub.Ground.future(pb.GroundRequest(image=raw_image(small), instruction="too late"), timeout=3.0)
+    _wait_until(lambda: handle.worker.depth == 1)  # queued behind the held worker
+    assert _code(future.result) == grpc.StatusCode.DEADLINE_EXCEEDED
     release.set()
     _wait_until(lambda: handle.worker.skipped == 1 and handle.worker.depth == 0)
     assert "too late" not in counting.grounded
@@ -156,7 +173,7 @@ def test_cancelled_request_is_not_run(make_server, channels, small):
     future = stub.Ground.future(pb.GroundRequest(image=raw_image(small), instruction="never mind"), timeout=60)
     _wait_until(lambda: handle.worker.depth == 1)
     assert future.cancel()
-    time.sleep(0.2)  # the server sees the cancellation
+    time.sleep(1.0)  # the server sees the cancellation (RST_STREAM) well within this
     release.set()
     _wait_until(lambda: handle.worker.skipped == 1 and handle.worker.depth == 0)
     assert "never mind" not in counting.grounded
@@ -285,7 +302,7 @@ def test_cancelled_stream_stops_consuming_work(make_server, channels, small):
     call = stub_for(channels(handle.port)).GroundStream(frames, timeout=60)
     _wait_until(lambda: handle.worker.depth == 1)
     call.cancel()
-    time.sleep(0.2)
+    time.sleep(1.0)  # the server sees the cancellation well within this
     release.set()
     _wait_until(lambda: handle.worker.skipped == 1 and handle.worker.depth == 0)
     assert counting.grounded == []
@@ -317,19 +334,18 @@ def test_stream_waits_for_room_instead_of_failing(make_server, channels, small):
     release = _hold_worker(handle)
     queued = stub.Ground.future(pb.GroundRequest(image=raw_image(small), instruction="unary"), timeout=60)
     _wait_until(lambda: handle.worker.depth == 1)
-    from tests.service.test_server import FrameFeed
     feed = FrameFeed()
     responses = stub.GroundStream(iter(feed), timeout=60)
     feed.send(pb.Frame(image=raw_image(small), instruction="first", sequence=1))
-    time.sleep(0.3)  # frame 1 waits for room
+    _wait_until(lambda: handle.worker.waiting == 1)  # frame 1 waits for room
     assert _code(lambda: stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="x"), timeout=10)) == \
         grpc.StatusCode.RESOURCE_EXHAUSTED
     for sequence in (2, 3):
         newer = small.copy()
         newer[0, sequence] ^= 1
         feed.send(pb.Frame(image=raw_image(newer), instruction=f"frame {sequence}", sequence=sequence))
-    time.sleep(0.3)  # frame 3 replaces frame 2 in the slot
     feed.send(None)
+    assert feed.drained.wait(30)  # frame 3 has replaced frame 2 in the slot
     release.set()
     answers = list(responses)
     assert queued.result().total_blocks == 64

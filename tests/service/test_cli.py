@@ -1,0 +1,43 @@
+"""`pixelprune serve` reports bad settings as one line and exit code 2 (no traceback)."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+
+import pytest
+
+from pixelprune.cli import main
+from service.config import ServiceConfig
+
+
+def test_bad_flag_value(capsys):
+    assert main(["serve", "--queue-size", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "pixelprune serve: error: --queue-size must be >= 1, got 0"
+
+
+def test_bad_environment(capsys, monkeypatch):
+    monkeypatch.setenv("PIXELPRUNE_PRUNE_METHOD", "zigzag")
+    assert main(["serve"]) == 2
+    assert "--prune-method must be one of raster, serpentine, pred2d" in capsys.readouterr().err
+
+
+def test_missing_model(capsys, tmp_path):
+    assert main(["serve", "--model", str(tmp_path / "nothing-here"), "--device", "cpu", "--metrics-port", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("pixelprune serve: error: cannot load model") and "Traceback" not in "".join(err)
+
+
+@pytest.mark.parametrize("which", ["port", "metrics_port"])
+def test_busy_ports(engine, which):
+    from service.server import create_server
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        ports = {"port": 0, "metrics_port": 0, which: taken}
+        config = dataclasses.replace(ServiceConfig(), model="tiny", host="127.0.0.1", **ports)
+        expected = "cannot bind gRPC to" if which == "port" else "cannot serve metrics on"
+        with pytest.raises(ValueError, match=f"{expected} 127.0.0.1:{taken}"):
+            create_server(config, engine=engine, warmup=False)
