@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -38,7 +40,10 @@ def test_load_resolves_auto_settings_and_detects_random_weights(engine, tiny_che
     assert not engine.model.training
     assert engine.is_random_weights is True
     assert engine.max_new_tokens == 6
-    assert checkpoint_has_random_weights(str(tiny_checkpoint.parent), engine.model.config) is False
+    assert engine.model.config.pixelprune_random_weights is True  # the flag tiny.py writes
+    no_flag = SimpleNamespace()
+    assert checkpoint_has_random_weights(str(tiny_checkpoint), no_flag) is True  # README marker alone
+    assert checkpoint_has_random_weights(str(tiny_checkpoint.parent), no_flag) is False
 
 
 def test_resolvers():
