@@ -22,13 +22,16 @@ import torch
 from transformers import AutoModelForImageTextToText
 from transformers.generation.streamers import BaseStreamer
 
-from pixelprune.pipeline import PreparedImage, PruneSettings, prepare_image, tokenize, user_message, vision_spec
+from pixelprune.pipeline import (PreparedImage, PruneSettings, chat_token_ids, prepare_image, tokenize, user_message,
+                                 vision_spec)
 from pixelprune.points import grounding_prompt, normalize_point, parse_point, point_to_pixels
 from pixelprune.qwen3_vl import PrunedQwen3VL, VisionFeatures, load_processor
+from pixelprune.selectors import METHODS, METRICS, select_blocks
 
 __all__ = ["GroundingEngine", "GroundingOutput", "ModelSpec", "PreparedImage", "PruneSettings", "VisionFeatures"]
 
 RANDOM_WEIGHTS_MARKER = "RANDOM WEIGHTS"  # README.md heading written by `pixelprune tiny-checkpoint`
+PROMPT_CACHE_SIZE = 256  # prompt texts whose chat token ids the engine keeps (a few KB each)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -149,6 +152,7 @@ class GroundingEngine:
         self.is_random_weights = bool(is_random_weights)  # outputs shown to anyone must say so
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self._prompt_cache: dict[str, np.ndarray] = {}  # prompt text -> chat token ids, LRU order
 
     @classmethod
     def load(cls, spec: ModelSpec) -> "GroundingEngine":
@@ -202,7 +206,8 @@ class GroundingEngine:
         if vision is None:
             vision, vit_seconds = self.encode_timed(prepared)
         start = time.perf_counter()
-        inputs = tokenize(self.processor, user_message(text), [prepared.image_grid_thw], device=self.device)
+        inputs = tokenize(self.processor, user_message(text), [prepared.image_grid_thw], device=self.device,
+                          ids=self._prompt_ids(text))
         inputs["pixel_values"] = prepared.pixel_values
         inputs["image_grid_thw"] = torch.tensor([prepared.image_grid_thw], dtype=torch.int64, device=self.device)
         clock = FirstTokenClock()
@@ -220,6 +225,16 @@ class GroundingEngine:
             **prepared.timings, "vit": vit_seconds, "prefill": first - generate_start,
             "decode_tokens": end - first,
             "ttft": sum(prepared.timings.values()) + vit_seconds + (first - start)})
+
+    def _prompt_ids(self, text: str) -> np.ndarray:
+        """The chat's token ids for one prompt text, from a small LRU: agents repeat instructions."""
+        ids = self._prompt_cache.pop(text, None)
+        if ids is None:
+            ids = chat_token_ids(self.processor, user_message(text))
+        self._prompt_cache[text] = ids  # most recent last
+        while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+            self._prompt_cache.pop(next(iter(self._prompt_cache)))
+        return ids
 
     def _pad_token_id(self) -> int | None:
         pad = getattr(self.model.generation_config, "pad_token_id", None)
@@ -241,8 +256,13 @@ class GroundingEngine:
             generated_tokens=len(tokens))
 
     def warmup(self) -> GroundingOutput:
-        """One tiny request (a 256x256 gradient, 2 new tokens) so the first real one is not slow."""
+        """One tiny request (a 256x250 gradient, resized to 256x256, 2 new tokens) so the first
+        real one is not slow; it also compiles the one-axis resize and, on a small grid, every
+        near-exact selector kernel (numba compiles on first use: seconds)."""
         ramp = np.linspace(0, 255, 256, dtype=np.float64).astype(np.uint8)
-        image = np.stack([np.tile(ramp, (256, 1)), np.tile(ramp[:, None], (1, 256)),
-                          np.full((256, 256), 128, np.uint8)], axis=-1)
+        image = np.stack([np.tile(ramp, (250, 1)), np.tile(ramp[:250, None], (1, 256)),
+                          np.full((250, 256), 128, np.uint8)], axis=-1)
+        for method in METHODS:
+            for metric in METRICS:
+                select_blocks(np.ascontiguousarray(image[:64, :64]), method=method, metric=metric, tau=0.02)
         return self.ground(self.prepare(image, PruneSettings()), "the centre of the image", max_new_tokens=2)

@@ -39,7 +39,7 @@ class PruneSettings:
     enabled: bool = True  # False: keep every block (the stock model's input)
     method: str = "pred2d"  # predictor: one of pixelprune.selectors.METHODS
     metric: str = "max"  # block error metric: one of pixelprune.selectors.METRICS
-    tau: float = 0.0  # error tolerance in uint8 levels; 0 = lossless (exact prediction only)
+    tau: float = 0.0  # threshold on pixels in [0, 1] (max: largest |diff|, mae: mean |diff|); 0 = lossless
 
     def validate(self) -> "PruneSettings":
         """Raise ValueError for an unknown method/metric or a negative/non-finite tau; returns self."""
@@ -144,14 +144,25 @@ def image_token_id(processor) -> int:
     return int(token_id)
 
 
-def tokenize(processor, messages: list[dict], grids, device="cpu") -> dict[str, torch.Tensor]:
+def chat_token_ids(processor, messages: list[dict]) -> np.ndarray:
+    """Token ids (int64, read-only) of a chat through the processor's template, one
+    `<|image_pad|>` per image item, before expansion. Depends only on the text, so callers
+    may cache it per prompt."""
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = np.asarray(processor.tokenizer(text, return_token_type_ids=False)["input_ids"], dtype=np.int64)
+    ids.flags.writeable = False
+    return ids
+
+
+def tokenize(processor, messages: list[dict], grids, device="cpu", ids: np.ndarray | None = None
+             ) -> dict[str, torch.Tensor]:
     """input_ids, attention_mask, mm_token_type_ids (1, L) for a chat with one image item per grid.
 
     The chat template gives one `<|image_pad|>` per image; each is expanded in token space to
     t*h*w/4 pad tokens of that image's full grid (special tokens are atomic, so this equals the
-    processor's string expansion followed by tokenisation)."""
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = np.asarray(processor.tokenizer(text, return_token_type_ids=False)["input_ids"], dtype=np.int64)
+    processor's string expansion followed by tokenisation). `ids` = `chat_token_ids(processor,
+    messages)` computed earlier, to skip the template and the tokenizer."""
+    ids = chat_token_ids(processor, messages) if ids is None else ids
     pad = image_token_id(processor)
     at_pad = ids == pad
     if int(at_pad.sum()) != len(grids):

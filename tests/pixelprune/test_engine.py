@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 
 from pixelprune.engine import (
-    GroundingEngine, GroundingOutput, ModelSpec, PruneSettings, checkpoint_has_random_weights, kv_cache_bytes,
+    PROMPT_CACHE_SIZE, GroundingEngine, GroundingOutput, ModelSpec, PruneSettings, checkpoint_has_random_weights, kv_cache_bytes,
     resolve_attn_implementation, resolve_device, resolve_dtype,
 )
 from pixelprune.geometry import resize_to, smart_resize
-from pixelprune.points import parse_point, point_to_pixels
+from pixelprune.pipeline import tokenize, user_message
+from pixelprune.points import grounding_prompt, parse_point, point_to_pixels
 from pixelprune.selectors import select_blocks
 
 STAGES = {"resize", "select", "patchify", "vit", "prefill", "decode_tokens", "ttft"}
@@ -201,3 +202,18 @@ def test_bfloat16_engine_runs(tiny_checkpoint, screenshot):
     assert 1 <= out.generated_tokens <= 2
     prompt_tokens = _prompt_tokens(engine, prepared, "Open the menu")
     assert out.kv_cache_bytes == prompt_tokens * 4 * 2 * 2 * 32 * 2  # 2 bytes per bfloat16 value
+
+
+def test_prompt_ids_are_cached_per_text_and_bounded(engine, screenshot):
+    prepared = engine.prepare(screenshot, PruneSettings())
+    text = grounding_prompt("the OK button")
+    fresh = tokenize(engine.processor, user_message(text), [prepared.image_grid_thw])
+    ids = engine._prompt_ids(text)
+    assert engine._prompt_ids(text) is ids  # second lookup: no template, no tokenizer
+    cached = tokenize(engine.processor, user_message(text), [prepared.image_grid_thw], ids=ids)
+    assert fresh.keys() == cached.keys()
+    assert all(torch.equal(fresh[k], cached[k]) for k in fresh)
+    for i in range(PROMPT_CACHE_SIZE + 3):
+        engine._prompt_ids(f"item {i}")
+    assert len(engine._prompt_cache) == PROMPT_CACHE_SIZE
+    assert text not in engine._prompt_cache and f"item {PROMPT_CACHE_SIZE + 2}" in engine._prompt_cache
