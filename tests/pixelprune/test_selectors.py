@@ -15,6 +15,7 @@ from PIL import Image
 
 from pixelprune import selectors
 from pixelprune.selectors import METHODS, METRICS, select_blocks, threshold_units
+from pixelprune_testlib import planted_image
 
 TAUS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.1)  # none is k/255 (or k/(255*3072)): no ties
 BACKENDS = ("numba", "numpy")
@@ -57,32 +58,6 @@ def slow_select(pixels: np.ndarray, method: str, metric: str, tau: float) -> np.
         else:
             keep[r, c], rec[r, c] = True, block[r, c]
     return keep
-
-
-def planted_image(seed: int, rows: int, cols: int) -> np.ndarray:
-    """Random grid built from a few blocks, their near copies (uniform offsets,
-    sparse perturbations, ramps) and copies of the left/upper neighbour."""
-    rng = np.random.default_rng(seed)
-    bases = [rng.integers(0, 256, (32, 32, 3)) for _ in range(rng.integers(1, 4))]
-    bases.append(np.full((32, 32, 3), rng.integers(0, 256)))
-    candidates = []
-    for base in bases:
-        candidates.append(base)
-        candidates.append(base + rng.integers(-8, 9))  # uniform offset
-        sparse = rng.random((32, 32, 3)) < 0.05
-        candidates.append(base + sparse * rng.integers(-20, 21, (32, 32, 3)))
-    grid = np.empty((rows, cols, 32, 32, 3), dtype=np.int64)
-    for r in range(rows):
-        for c in range(cols):
-            roll = rng.random()
-            if roll < 0.25 and c > 0:
-                grid[r, c] = grid[r, c - 1] + rng.integers(0, 5)  # ramp / near repeat
-            elif roll < 0.45 and r > 0:
-                grid[r, c] = grid[r - 1, c]
-            else:
-                grid[r, c] = candidates[rng.integers(len(candidates))]
-    image = np.clip(grid, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(image.transpose(0, 2, 1, 3, 4).reshape(rows * 32, cols * 32, 3))
 
 
 def run_backend(pixels, method, metric, tau, backend):

@@ -12,6 +12,7 @@ from PIL import Image
 
 from pixelprune.selectors import METHODS, METRICS, select_blocks
 from pixelprune.selectors_torch import select_blocks_torch
+from pixelprune_testlib import planted_image
 
 TAUS = (0.0, 0.02, 0.05)
 
@@ -23,26 +24,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def planted_image(seed: int, rows: int, cols: int) -> np.ndarray:
-    """Blocks drawn from a few random blocks and their near copies, plus copies
-    and small ramps of the left/upper neighbour."""
-    rng = np.random.default_rng(seed)
-    bases = [rng.integers(0, 256, (32, 32, 3)) for _ in range(3)] + [np.full((32, 32, 3), 128)]
-    candidates = [b + off for b in bases for off in (0, rng.integers(-8, 9))]
-    grid = np.empty((rows, cols, 32, 32, 3), dtype=np.int64)
-    for r in range(rows):
-        for c in range(cols):
-            roll = rng.random()
-            if roll < 0.3 and c > 0:
-                grid[r, c] = grid[r, c - 1] + rng.integers(0, 5)
-            elif roll < 0.5 and r > 0:
-                grid[r, c] = grid[r - 1, c]
-            else:
-                grid[r, c] = candidates[rng.integers(len(candidates))]
-    image = np.clip(grid, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(image.transpose(0, 2, 1, 3, 4).reshape(rows * 32, cols * 32, 3))
 
 
 def check_same(pixels: np.ndarray, method: str, metric: str, tau: float) -> None:
