@@ -91,9 +91,9 @@ def selector_table(images, runs: int) -> list[str]:
                 blocks = pixels.shape[0] * pixels.shape[1] / 1024
                 tensor = torch.from_numpy(pixels.copy())
                 per["shipped"].append(median_seconds(lambda: select_blocks(pixels, method, metric, tau), runs))
-                selectors._KERNELS["missing"] = True
+                selectors._KERNELS.disabled = True
                 per["numpy"].append(median_seconds(lambda: select_blocks(pixels, method, metric, tau), runs))
-                selectors._KERNELS.pop("missing")
+                selectors._KERNELS.disabled = False
                 per["torch"].append(median_seconds(lambda: select_blocks_torch(tensor, method, metric, tau), runs))
                 for key in ("shipped", "numpy", "torch"):
                     per[key][-1] *= 1e6 / blocks

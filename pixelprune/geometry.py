@@ -13,11 +13,12 @@ visual (LLM) token.
 from __future__ import annotations
 
 import math
-import threading
 from functools import lru_cache
 
 import numpy as np
 from PIL import Image
+
+from pixelprune._jit import Kernels
 
 PATCH_SIZE = 16  # ViT patch edge, px
 MERGE_SIZE = 2  # patches merged per side into one LLM token
@@ -177,23 +178,13 @@ def _vertical_pass(src, out, first, count, fixed):
             out[yy, x] = _clip8(acc[x] >> 22)
 
 
-_KERNELS: dict[str, object] = {}  # compiled resize passes; {"missing": None} without numba
-_KERNELS_LOCK = threading.Lock()
+_KERNELS = Kernels(globals(), {"horizontal": "_horizontal_pass", "vertical": "_vertical_pass"},
+                   helpers=("_clip8",))
 
 
 def _kernels():
     """The compiled passes (compiled once, on first use), or None without numba."""
-    with _KERNELS_LOCK:
-        if not _KERNELS:
-            try:
-                import numba
-            except ImportError:
-                _KERNELS["missing"] = None
-                return None
-            jit = numba.njit(cache=True, nogil=True, boundscheck=False)
-            globals()["_clip8"] = jit(_clip8)  # called by the passes through module globals
-            _KERNELS.update(horizontal=jit(_horizontal_pass), vertical=jit(_vertical_pass))
-    return None if "missing" in _KERNELS else _KERNELS
+    return _KERNELS.load()
 
 
 def _resize_one_side(pixels: np.ndarray, height: int, width: int) -> np.ndarray:

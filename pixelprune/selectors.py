@@ -18,10 +18,10 @@ otherwise; both give the same masks.
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
 
+from pixelprune._jit import Kernels
 from pixelprune.geometry import BLOCK_SIZE, check_block_pixels
 from pixelprune.hashing import block_hashes
 
@@ -110,8 +110,6 @@ def _exact_mask(pixels: np.ndarray, method: str) -> np.ndarray:
 
 
 # ------------------------------------------------- tau > 0, compiled (numba)
-_KERNELS: dict[str, object] = {}  # compiled kernels by name; {"missing": True} without numba
-_KERNELS_LOCK = threading.Lock()
 
 
 def _block_similar(words, cols, i, j, is_max, thr):
@@ -179,21 +177,13 @@ def _sequence_kernel(words, cols, order, is_max, thr):
     return keep
 
 
+_KERNELS = Kernels(globals(), {"pred2d": "_pred2d_kernel", "sequence": "_sequence_kernel"},
+                   helpers=("_block_similar",))
+
+
 def _numba_kernels() -> bool:
-    """Compile the kernels on first use (once, even with concurrent callers);
-    False when numba is not installed."""
-    with _KERNELS_LOCK:
-        if not _KERNELS:
-            try:
-                import numba
-            except ImportError:
-                _KERNELS["missing"] = True
-                return False
-            jit = numba.njit(cache=True, nogil=True, boundscheck=False)
-            # The kernels call `_block_similar` through this module's globals.
-            globals()["_block_similar"] = jit(_block_similar)
-            _KERNELS.update(pred2d=jit(_pred2d_kernel), sequence=jit(_sequence_kernel))
-    return "missing" not in _KERNELS
+    """Compile the kernels on first use; False when numba is not installed."""
+    return _KERNELS.load() is not None
 
 
 def _track_numba(pixels: np.ndarray, method: str, is_max: bool, thr: int) -> np.ndarray:

@@ -8,6 +8,7 @@ import hashlib
 import numpy as np
 import pytest
 
+from pixelprune import hashing
 from pixelprune.hashing import _MULTIPLIERS, block_hashes, frame_digest
 
 MASK = (1 << 64) - 1
@@ -99,3 +100,22 @@ def test_bad_input(pixels, message):
     if "multiples" not in message:
         with pytest.raises(ValueError, match=message):
             frame_digest(pixels)
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (96, 160), (1088, 1920)])
+def test_compiled_and_numpy_paths_agree(shape):
+    """Replicas with and without numba share sessions in Redis: both paths must give the
+    same numbers, on random pixels and on a frame with many equal blocks."""
+    if hashing._KERNELS.load() is None:
+        pytest.skip("numba is not installed: only the numpy path exists")
+    rng = np.random.default_rng(sum(shape))
+    pixels = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    pixels[: shape[0] // 2] = 200
+    compiled = block_hashes(pixels)
+    hashing._KERNELS.disabled = True
+    try:
+        vectorised = block_hashes(pixels)
+    finally:
+        hashing._KERNELS.disabled = False
+    np.testing.assert_array_equal(compiled, vectorised)
+    assert compiled[0, 0] == compiled[-1 if shape[0] == 32 else 0, -1]  # equal blocks, equal hashes
