@@ -14,12 +14,15 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from pixelprune.geometry import BLOCK_SIZE
 from pixelprune.grounding.v1 import grounding_pb2 as pb
 from pixelprune.grounding.v1 import grounding_pb2_grpc as pb_grpc
+from pixelprune.hashing import block_hashes
 from service.cache import LRUCache
 from service.config import ServiceConfig
 from service.errors import BearerAuthInterceptor
@@ -46,7 +49,9 @@ class ServerHandle:
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def warmup(self) -> None:
-        """Run the engine's warm-up request on the model worker, then report SERVING."""
+        """Run the engine's warm-up request on the model worker (and compile the block hash
+        the session path uses), then report SERVING."""
+        block_hashes(np.zeros((BLOCK_SIZE, BLOCK_SIZE, 3), dtype=np.uint8))
         self.worker.run(self.grounder.engine.warmup)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
