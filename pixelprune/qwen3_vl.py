@@ -157,7 +157,13 @@ class PrunedQwen3VL:
         [text; t; h; w] instead of `compute_3d_position_ids` (L1080), i.e. `get_rope_index`
         (L913) of the FULL sequence at the kept columns with text row = mask cumsum; and
         `mm_encoder_outputs` (from `vision` or `encode_images`) instead of
-        `get_image_features` (L1161). `keep` defaults to `select` on `pixel_values`."""
+        `get_image_features` (L1161). `keep` defaults to `select` on `pixel_values`.
+        `mm_token_type_ids` absent -> derived from input_ids (1 = image token, 2 = video token),
+        as the processor would return it: 5.23's forward needs it for MRoPE."""
+        if mm_token_type_ids is None and (image_grid_thw is not None or vision is not None):
+            cfg = self.model.config
+            mm_token_type_ids = ((input_ids == cfg.image_token_id).long()
+                                 + 2 * (input_ids == cfg.video_token_id).long())
         stock = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
                  "image_grid_thw": image_grid_thw, "mm_token_type_ids": mm_token_type_ids}
         stock = {k: v for k, v in stock.items() if v is not None}
