@@ -134,9 +134,13 @@ def _build_tokenizer():
     return tok
 
 
-def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
+def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, answer: str | None = None) -> Path:
     """Write a complete tiny Qwen3-VL checkpoint with weights drawn from `seed` into `out_dir`
-    (created if missing) and return its path. The same seed gives bit-identical weights."""
+    (created if missing) and return its path. The same seed gives bit-identical weights.
+
+    `answer`: rig the text model so that greedy decoding always answers this text, whatever
+    the image (e.g. "(642, 318)" for end-to-end checks of point mapping and clicks); the
+    vision tower keeps its random weights and still runs."""
     import torch
     from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -154,15 +158,46 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     model.generation_config = GenerationConfig(
         bos_token_id=TOKEN_IDS["<|endoftext|>"], pad_token_id=TOKEN_IDS["<|endoftext|>"],
         eos_token_id=[TOKEN_IDS["<|im_end|>"], TOKEN_IDS["<|endoftext|>"]], do_sample=False)
+    tokenizer = _build_tokenizer()
+    if answer is not None:
+        _rig_answer(model, tokenizer, answer)
     model.save_pretrained(out)
 
-    _build_tokenizer().save_pretrained(out)
+    tokenizer.save_pretrained(out)
     Qwen2VLImageProcessorPil(**PREPROCESSOR_CONFIG).save_pretrained(out)
     Qwen3VLVideoProcessor().save_pretrained(out)  # Qwen3-VL's defaults; videos need torchvision
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen3VLProcessor"}, indent=2) + "\n")
-    (out / "README.md").write_text(_README.format(seed=seed))
+    rigged = "" if answer is None else _RIGGED.format(answer=answer)
+    (out / "README.md").write_text(_README.format(seed=seed) + rigged)
     return out
+
+
+def _rig_answer(model, tokenizer, answer: str) -> None:
+    """Make greedy decoding after the assistant header produce `answer`, then <|im_end|>.
+
+    Every text layer's attention and MLP outputs are zeroed, so the last hidden state is the
+    current token's embedding; each token of the chain gets a one-hot embedding on its own
+    axis, and lm_head maps that axis to the next token of the chain."""
+    import torch
+
+    chain = ([tokenizer("<|im_start|>assistant\n")["input_ids"][-1]] + tokenizer(answer)["input_ids"]
+             + [tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    text = model.model.language_model
+    if len(set(chain[:-1])) != len(chain) - 1 or len(chain) > text.config.hidden_size:
+        raise ValueError(f"answer {answer!r} must tokenize to distinct tokens, at most "
+                         f"{text.config.hidden_size - 2} of them")
+    with torch.no_grad():
+        for layer in text.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        text.norm.weight.fill_(1.0)
+        embed, head = text.embed_tokens.weight, model.lm_head.weight
+        head.zero_()
+        for axis, (token, following) in enumerate(zip(chain, chain[1:])):
+            embed[token] = 0.0
+            embed[token, axis] = 1.0
+            head[following, axis] = 10.0
 
 
 _README = """\
@@ -179,13 +214,25 @@ vocabulary is a 512-token byte-level BPE followed by Qwen's special tokens
 (`<|image_pad|>` = 524, not 151655); read ids from config.json.
 """
 
+_RIGGED = """
+## Rigged answer
+
+The text model is rigged to answer `{answer}` to every prompt (attention and MLP
+outputs zeroed, embeddings and lm_head wired as a chain of next tokens), for
+end-to-end checks of point parsing, mapping and clicking. Still not a real model.
+"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", type=Path, help="output directory (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    parser.add_argument("--answer", metavar="TEXT", default=None,
+                        help='rig the model to always answer TEXT, e.g. "(642, 318)": a fixed point in '
+                             "0-1000 coordinates for end-to-end checks of mapping and clicks")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = write_tiny_checkpoint(args.dir, seed=args.seed)
-    print(f"wrote tiny random-weight Qwen3-VL checkpoint to {out}")
+    out = write_tiny_checkpoint(args.dir, seed=args.seed, answer=args.answer)
+    rigged = "" if args.answer is None else f", rigged to answer {args.answer!r}"
+    print(f"wrote tiny random-weight Qwen3-VL checkpoint to {out}{rigged}")
     return 0

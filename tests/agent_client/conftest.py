@@ -13,18 +13,15 @@ it the server resets when its last client disconnects and forgets the monitors.
 
 The tiny checkpoint has random weights and answers blanks, never a point. To test
 point mapping and clicks end to end, `pointing_checkpoint` is the same checkpoint
-with its text decoder turned into a fixed bigram chain (attention and MLP outputs
-zeroed, so the last hidden state is the input token's embedding; each embedding a
-unit axis; lm_head maps it to the next token of POINTING_ANSWER): whatever the
-screenshot, the real model emits that answer through the real server, parser and
-coordinate transforms.
+rigged by `pixelprune tiny-checkpoint --answer` (text decoder turned into a fixed
+chain of next tokens): whatever the screenshot, the real model emits POINTING_ANSWER
+through the real server, parser and coordinate transforms.
 """
 
 from __future__ import annotations
 
 import os
 import select
-import shutil
 import subprocess
 import sys
 import time
@@ -115,30 +112,12 @@ def token_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pointing_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
-    """The tiny checkpoint, rewired to answer POINTING_ANSWER (see the module docstring)."""
-    from safetensors.numpy import load_file, save_file
-    from transformers import AutoTokenizer
+def pointing_checkpoint(tmp_path_factory) -> Path:
+    """The tiny checkpoint rigged to answer POINTING_ANSWER (`pixelprune tiny-checkpoint --answer`)."""
+    from pixelprune.tiny import write_tiny_checkpoint
 
-    out = tmp_path_factory.mktemp("pointing") / "checkpoint"
-    shutil.copytree(tiny_checkpoint, out)
-    tok = AutoTokenizer.from_pretrained(out)
-    chain = ([tok("<|im_start|>assistant\n")["input_ids"][-1]] + tok(POINTING_ANSWER)["input_ids"]
-             + [tok.convert_tokens_to_ids("<|im_end|>")])
-    assert len(set(chain[:-1])) == len(chain) - 1, f"tokens of the chain must be distinct: {chain}"
-    weights = load_file(out / "model.safetensors")
-    for name in weights:
-        if "language_model" in name and name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
-            weights[name] = np.zeros_like(weights[name])
-    weights["model.language_model.norm.weight"][:] = 1.0
-    embed, head = weights["model.language_model.embed_tokens.weight"], np.zeros_like(weights["lm_head.weight"])
-    for axis, (token, following) in enumerate(zip(chain, chain[1:])):
-        embed[token] = 0.0
-        embed[token, axis] = 1.0
-        head[following, axis] = 10.0
-    weights["lm_head.weight"] = head
-    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
-    return out
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("pointing") / "checkpoint", seed=0,
+                                 answer=POINTING_ANSWER)
 
 
 @pytest.fixture(scope="session")

@@ -144,3 +144,22 @@ def test_cli_writes_a_dir_that_loads_offline(tmp_path):
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("['attention_mask', 'image_grid_thw', 'input_ids', 'mm_token_type_ids', 'pixel_values']")
     assert last.endswith(" 3")  # three new tokens
+
+
+def test_rigged_answer_reaches_the_point_parser(tmp_path, corpus_dir):
+    from pixelprune.engine import GroundingEngine, ModelSpec, PruneSettings
+
+    out = write_tiny_checkpoint(tmp_path / "rigged", seed=0, answer="(642, 318)")
+    assert "(642, 318)" in (out / "README.md").read_text()
+    engine = GroundingEngine.load(ModelSpec(model=str(out), max_new_tokens=12))
+    with Image.open(corpus_dir / "web_python_tutorial_classes_1920x1080.png") as img:
+        shot = np.asarray(img.convert("RGB"))[:300, :500].copy()
+    result = engine.ground(engine.prepare(shot, PruneSettings()), "anything")
+    assert result.raw_text == "(642, 318)"
+    assert result.point == pytest.approx((0.642 * 500, 0.318 * 300))
+    assert engine.is_random_weights
+
+
+def test_rigged_answer_needs_distinct_tokens(tmp_path):
+    with pytest.raises(ValueError, match="distinct tokens"):
+        write_tiny_checkpoint(tmp_path / "bad", answer="(500, 500)")
