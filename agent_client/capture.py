@@ -97,6 +97,16 @@ def _check_display() -> None:
         raise DisplayError(f"no X display: DISPLAY is not set{hint}; start Xvfb or run inside a desktop session")
 
 
+def _import_mss():
+    """mss and its error type; mss is the optional extra `client`, imported where it is needed."""
+    try:
+        import mss
+        from mss.exception import ScreenShotError
+    except ImportError:
+        raise DisplayError("screen capture needs mss: pip install 'pixelprune[client]'") from None
+    return mss, ScreenShotError
+
+
 class ScreenCapture:
     """Grabs frames of one monitor with mss. Use as a context manager.
 
@@ -104,8 +114,7 @@ class ScreenCapture:
 
     def __init__(self, monitor: int = 1):
         _check_display()
-        import mss  # optional dependency (extra `client`): imported where it is needed
-        from mss.exception import ScreenShotError
+        mss, ScreenShotError = _import_mss()
 
         self._error_type = ScreenShotError
         try:
@@ -145,8 +154,7 @@ class ScreenCapture:
 def monitors() -> list[Monitor]:
     """All mss monitors (index 0 = the union, then each monitor)."""
     _check_display()
-    import mss
-    from mss.exception import ScreenShotError
+    mss, ScreenShotError = _import_mss()
 
     try:
         with (mss.MSS() if hasattr(mss, "MSS") else mss.mss()) as sct:

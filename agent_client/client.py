@@ -367,11 +367,12 @@ class GroundingClient:
                 image, new_instruction = item if isinstance(item, tuple) else (item, None)
                 frame = pb.Frame(image=encode_image(image, self.max_message_bytes, self.frame_encoding),
                                  sequence=sequence)
-                if sequence == 1:
-                    frame.instruction, frame.session_id = instruction, session_id or ""
+                if new_instruction:
+                    _check_instruction(new_instruction)
+                if sequence == 1:  # a first frame's own instruction wins over the stream's
+                    frame.instruction, frame.session_id = new_instruction or instruction, session_id or ""
                     frame.pruning.CopyFrom(settings)
                 elif new_instruction:
-                    _check_instruction(new_instruction)
                     frame.instruction = new_instruction
                 yield frame
         except Exception as exc:  # noqa: BLE001 - handed to the caller's thread

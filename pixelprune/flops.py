@@ -45,6 +45,8 @@ from typing import Sequence
 
 from pixelprune.geometry import BLOCK_SIZE, MERGE_SIZE, PATCH_SIZE, smart_resize
 
+MAX_IMAGES = 100_000  # --images bound: a prompt of more pages than this is not a real input
+
 
 @dataclass(frozen=True)
 class VisionConfig:
@@ -240,8 +242,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.images < 1:
-        raise ValueError(f"--images must be >= 1, got {args.images}")
+    if not 1 <= args.images <= MAX_IMAGES:
+        raise ValueError(f"--images must be in 1..{MAX_IMAGES}, got {args.images}")
     ratios = args.retain or [1.0]
     if len(ratios) not in (1, len(args.size)):
         raise ValueError(f"give --retain once or once per --size ({len(args.size)}), got {len(ratios)}")

@@ -19,6 +19,7 @@ processor config, never guessed. One prompt (batch 1), any number of images.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass
 
@@ -49,7 +50,7 @@ class PruneSettings:
             raise ValueError(f"unknown pruning method {self.method!r}; expected one of {METHODS}")
         if self.metric not in METRICS:
             raise ValueError(f"unknown pruning metric {self.metric!r}; expected one of {METRICS}")
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) \
+        if isinstance(self.tau, bool) or not isinstance(self.tau, numbers.Real) \
                 or not math.isfinite(self.tau) or self.tau < 0:
             raise ValueError(f"tau must be a finite number >= 0, got {self.tau!r}")
         return self

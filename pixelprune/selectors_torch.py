@@ -41,6 +41,8 @@ def select_blocks_torch(pixels: torch.Tensor, method: str = "pred2d", metric: st
     if rows * cols == 1:
         return torch.ones((1, 1), dtype=torch.bool, device=pixels.device)
     pixels = pixels.contiguous()
+    if pixels.storage_offset() % 8:  # a view at an odd byte offset cannot be read as int64 words
+        pixels = pixels.clone()
     if thr == 0:
         return _exact_mask(pixels, method, rows, cols)
     blocks = pixels.view(rows, BLOCK_SIZE, cols, _ROW_BYTES).permute(0, 2, 1, 3)

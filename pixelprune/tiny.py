@@ -146,10 +146,19 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, answer: str | None
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    if not str(out_dir).strip():
+        raise ValueError("output directory must not be empty")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # an existing file, or a file where a parent folder should be
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{out}: cannot create the checkpoint directory ({exc.strerror or exc})") from None
+    readme = out / "README.md"
+    if readme.is_file() and "RANDOM WEIGHTS" not in readme.read_text(errors="replace"):
+        raise ValueError(f"{out} already holds a README.md that is not a tiny checkpoint's; "
+                         "choose an empty or new directory")
     config = Qwen3VLConfig(**json.loads(json.dumps(TINY_CONFIG)))
     config.pixelprune_random_weights = True  # read by the engine: outputs must be labelled meaningless
     with torch.random.fork_rng():  # leave the caller's global RNG as it was
@@ -224,7 +233,7 @@ end-to-end checks of point parsing, mapping and clicking. Still not a real model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", type=Path, help="output directory (created if missing)")
+    parser.add_argument("dir", help="output directory (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     parser.add_argument("--answer", metavar="TEXT", default=None,
                         help='rig the model to always answer TEXT, e.g. "(642, 318)": a fixed point in '

@@ -61,6 +61,14 @@ def _mapped(rpc: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
     return code, message
 
 
+def _outcome(context) -> str:
+    """The code the client sees for a handler that returned: OK, unless the call already ended
+    (its deadline passed while the model ran, or the client cancelled)."""
+    if context.is_active():
+        return "OK"
+    return "DEADLINE_EXCEEDED" if context.time_remaining() == 0 else "CANCELLED"
+
+
 def unary_errors(rpc: str) -> Callable:
     """Decorator for a unary handler `(self, request, context)`: map exceptions, report the outcome."""
     def wrap(handler):
@@ -73,7 +81,7 @@ def unary_errors(rpc: str) -> Callable:
                 code, message = _mapped(rpc, exc)
                 on_done(rpc, code.name, time.perf_counter() - start)
                 context.abort(code, message)
-            on_done(rpc, "OK", time.perf_counter() - start)
+            on_done(rpc, _outcome(context), time.perf_counter() - start)
             return response
         return wrapped
     return wrap

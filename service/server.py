@@ -7,6 +7,7 @@ Kubernetes stops routing before the process goes away. Server reflection is on.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import signal
 import threading
@@ -81,11 +82,19 @@ def load_engine(config: ServiceConfig):
                                           max_new_tokens=config.max_new_tokens))
 
 
+def session_key_prefix(config: ServiceConfig) -> str:
+    """Redis key prefix of this replica's sessions: `--redis-prefix` plus a tag of the model and
+    the answer length, so replicas share sessions (and cached answers) only when they would
+    give the same answers; a replica serving another model never returns this one's."""
+    tag = hashlib.blake2b(f"{config.model}|{config.max_new_tokens}".encode(), digest_size=6).hexdigest()
+    return f"{config.redis_prefix}{tag}:"
+
+
 def _session_store(config: ServiceConfig, metrics: ServiceMetrics):
     if config.redis_url is None:
         return InProcessSessionStore(ttl_s=config.session_ttl_s)
     return RedisSessionStore(redis_client(config.redis_url), ttl_s=config.session_ttl_s,
-                             prefix=config.redis_prefix, on_error=metrics.record_redis_error)
+                             prefix=session_key_prefix(config), on_error=metrics.record_redis_error)
 
 
 def _bind(server: grpc.Server, config: ServiceConfig) -> int:

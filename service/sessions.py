@@ -84,6 +84,9 @@ def unpack_state(blob: bytes) -> SessionState | None:
             pos += meta[key]
         if pos != len(blob):
             return None
+        resized_w, resized_h = meta["resized_size"]
+        if len(parts["block_hashes"]) != 8 * (resized_h // 32) * (resized_w // 32):
+            return None  # hashes that do not fit the geometry would fail every frame of the session
         ans = meta["answer"]
         answer = CachedAnswer(raw_text=ans["raw_text"],
                               point=tuple(ans["point"]) if ans["point"] is not None else None,
@@ -127,9 +130,14 @@ class InProcessSessionStore:
 
     def put(self, session_id: str, state: SessionState) -> None:
         with self._lock:
-            self._items[session_id] = (self._clock() + self._ttl_s, state)
+            now = self._clock()
+            self._items[session_id] = (now + self._ttl_s, state)
             self._items.move_to_end(session_id)
             while len(self._items) > self._max:
+                self._items.popitem(last=False)
+            # Expired sessions at the old end go too, so ended streams do not pile up until
+            # max_sessions (their block hashes are ~1 KB per 100 blocks).
+            while self._items and next(iter(self._items.values()))[0] <= now:
                 self._items.popitem(last=False)
 
     def __len__(self) -> int:

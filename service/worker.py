@@ -52,6 +52,7 @@ class ModelWorker:
         self._on_wait = on_wait or (lambda seconds: None)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._stopping = False
+        self._closed = False  # the worker thread has ended: nothing queued will run any more
         self.skipped = 0  # jobs not run: deadline passed or RPC cancelled
         self.waiting = 0  # submitters waiting for room (streams; see submit's wait_while)
         self._waiting_lock = threading.Lock()
@@ -78,6 +79,8 @@ class ModelWorker:
             if wait_while is None:
                 raise QueueFull(f"server busy: {self._queue.maxsize} requests already wait for the model") from None
             self._wait_for_room(job, wait_while)
+        if self._closed:  # stop() raced with this submit: the worker has gone, fail what is left
+            self._fail_leftovers()
         self._on_depth(self._queue.qsize())
         return job.future
 
@@ -106,6 +109,8 @@ class ModelWorker:
             job = self._queue.get()
             self._on_depth(self._queue.qsize())
             if job is None:
+                self._closed = True
+                self._fail_leftovers()
                 return
             now = time.monotonic()
             wait = now - job.enqueued
@@ -124,6 +129,16 @@ class ModelWorker:
                 job.future.set_result(JobResult(value=job.fn(), queue_wait_s=wait))
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting RPC thread
                 job.future.set_exception(exc)
+
+    def _fail_leftovers(self) -> None:
+        """Fail the jobs still queued once the worker has ended (a submit that raced with stop)."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None and job.future.set_running_or_notify_cancel():
+                job.future.set_exception(QueueFull("server is shutting down"))
 
     def stop(self, timeout: float | None = None) -> None:
         """Refuse new jobs, finish the queued ones, end the thread."""

@@ -3,6 +3,8 @@ a real two-monitor Xvfb."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -158,3 +160,10 @@ def test_xdotool_missing_is_a_clear_error(xvfb, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(ClickError, match="Debian package xdotool"):
         click(1, 1)
+
+
+def test_missing_mss_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("DISPLAY", ":0")
+    monkeypatch.setitem(sys.modules, "mss", None)  # `import mss` now raises ImportError
+    with pytest.raises(DisplayError, match=r"^screen capture needs mss: pip install 'pixelprune\[client\]'$"):
+        monitors()

@@ -250,6 +250,16 @@ def test_stream_counts_and_session(pointing_server, screenshot):
     assert all(r.point == pytest.approx((642.0, 222.6)) for r in results)
 
 
+def test_stream_first_frame_may_carry_its_own_instruction(grounding_server, screenshot):
+    """(image, instruction) as the FIRST item applies from that frame on, like on any other
+    frame: the session then holds that instruction, so a Ground with it is a cache hit."""
+    small = np.ascontiguousarray(screenshot[:160, :224])
+    with GroundingClient(f"127.0.0.1:{grounding_server.port}", token=TOKEN) as client:
+        [answer] = client.stream([(small, "open the terminal")], "click the Save button", session_id="first-own")
+        again = client.ground(small, "open the terminal", session_id="first-own")
+    assert answer.sequence == 1 and again.cache_hit
+
+
 def test_stream_surfaces_a_bad_frame(grounding_server, screenshot):
     frames = [screenshot, np.zeros((4, 4, 3), np.float32)]
     with GroundingClient(f"127.0.0.1:{grounding_server.port}", token=TOKEN) as client:

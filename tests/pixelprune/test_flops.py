@@ -136,7 +136,8 @@ def test_cli_pages_and_table(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--size", "640x480", "--retain", "1.5"], "retain ratios must be in (0, 1]"),
-    (["--size", "640x480", "--images", "0"], "--images must be >= 1"),
+    (["--size", "640x480", "--images", "0"], "--images must be in 1..100000"),
+    (["--size", "640x480", "--images", "1000000000"], "--images must be in 1..100000"),
     (["--size", "640x480", "--size", "64x64", "--retain", "0.5", "--retain", "0.5", "--retain", "0.5"],
      "give --retain once or once per --size"),
     (["--size", "40000x100"], "aspect ratio"),

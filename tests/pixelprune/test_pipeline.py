@@ -132,6 +132,11 @@ def test_bad_input_gives_value_errors(processor, web_page):
                 PruneSettings(tau=float("nan")), PruneSettings(enabled="yes")):
         with pytest.raises(ValueError):
             build_inputs(processor, [web_page], user_message("x"), bad)
+    for bad_tau in (np.float64("inf"), "0.02", None):
+        with pytest.raises(ValueError, match="tau must be"):
+            PruneSettings(tau=bad_tau).validate()
+    # numpy scalars (e.g. tau read from an array or a config parsed by numpy) are numbers too
+    assert PruneSettings(tau=np.float32(0.02)).validate().tau == np.float32(0.02)
 
 
 def test_inputs_feed_the_adapter_like_the_processors_full_rows(processor, tiny_checkpoint, screenshot):

@@ -79,6 +79,18 @@ def test_non_contiguous_tensor():
                                       select_blocks(pixels, "pred2d", "mae", tau))
 
 
+def test_contiguous_view_at_an_odd_byte_offset():
+    pixels = planted_image(5, 2, 3)
+    flat = torch.zeros(pixels.size + 5, dtype=torch.uint8)
+    tensor = flat[5:].view(pixels.shape)  # e.g. pixels after a 5-byte header in one buffer
+    tensor.copy_(torch.from_numpy(pixels))
+    assert tensor.is_contiguous() and tensor.storage_offset() == 5
+    for method in METHODS:
+        for tau in TAUS:
+            np.testing.assert_array_equal(select_blocks_torch(tensor, method, "max", tau).numpy(),
+                                          select_blocks(pixels, method, "max", tau))
+
+
 @pytest.mark.parametrize("pixels, kwargs, message", [
     (torch.zeros((64, 64, 3), dtype=torch.float32), {}, "uint8"),
     (torch.zeros((64, 64), dtype=torch.uint8), {}, "shape"),

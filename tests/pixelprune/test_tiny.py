@@ -146,6 +146,22 @@ def test_cli_writes_a_dir_that_loads_offline(tmp_path):
     assert last.endswith(" 3")  # three new tokens
 
 
+def test_cli_bad_output_paths_and_seeds_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # "" must not write into the working directory
+    a_file = tmp_path / "a.png"
+    a_file.write_bytes(b"x")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "README.md").write_text("# my project\n")
+    for argv in ([str(a_file)], [str(a_file / "sub")], [""], [str(project)],
+                 [str(tmp_path / "big"), "--seed", str(2**70)]):
+        assert main(["tiny-checkpoint", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("pixelprune tiny-checkpoint: error:") and "\n" not in err, err
+    assert not (tmp_path / "big").exists() and not (tmp_path / "config.json").exists()
+    assert (project / "README.md").read_text() == "# my project\n"
+
+
 def test_rigged_answer_reaches_the_point_parser(tmp_path, corpus_dir):
     from pixelprune.engine import GroundingEngine, ModelSpec, PruneSettings
 

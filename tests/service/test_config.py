@@ -66,3 +66,17 @@ def test_auth_token_is_read_and_stripped(tmp_path):
     with pytest.raises(ValueError, match="is empty"):
         config.auth_token()
     assert ServiceConfig().auth_token() is None
+
+
+def test_session_key_prefix_separates_models_and_answer_lengths():
+    from service.server import session_key_prefix
+
+    base = from_args_and_env(["--model", "/models/a"], {})
+    same = from_args_and_env(["--model", "/models/a", "--port", "50052"], {})  # another replica
+    other_model = from_args_and_env(["--model", "/models/b"], {})
+    longer = from_args_and_env(["--model", "/models/a", "--max-new-tokens", "48"], {})
+    prefix = session_key_prefix(base)
+    assert prefix.startswith(base.redis_prefix) and prefix.endswith(":")
+    assert len(prefix) == len(base.redis_prefix) + 13  # 12 hex digits and a colon
+    assert session_key_prefix(same) == prefix
+    assert session_key_prefix(other_model) != prefix and session_key_prefix(longer) != prefix

@@ -166,6 +166,20 @@ def test_deadline_expired_while_queued_is_not_run(make_server, channels, small):
     assert "too late" not in counting.grounded
 
 
+def test_deadline_passing_while_the_model_runs_is_not_counted_as_ok(make_server, channels, small):
+    """The client got DEADLINE_EXCEEDED; the request metric must say so, not OK."""
+    handle, counting = make_server()
+    real_ground = counting.ground
+    counting.ground = lambda *args, **kwargs: (time.sleep(1.5), real_ground(*args, **kwargs))[1]
+    stub = stub_for(channels(handle.port))
+    code = _code(lambda: stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="slow"), timeout=0.5))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    sample = lambda code: handle.metrics.registry.get_sample_value(  # noqa: E731
+        "pixelprune_request_duration_seconds_count", {"rpc": "Ground", "code": code})
+    _wait_until(lambda: sample("DEADLINE_EXCEEDED") == 1)
+    assert counting.grounded == ["slow"] and sample("OK") == 0
+
+
 def test_cancelled_request_is_not_run(make_server, channels, small):
     handle, counting = make_server()
     stub = stub_for(channels(handle.port))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -42,6 +43,10 @@ def test_pack_round_trip_and_damage():
     assert unpack_state(b"\x02" + blob[1:]) is None  # another format version
     assert unpack_state(b"") is None
     assert unpack_state(blob[:5] + b"{not json" + blob[14:]) is None
+    # Self-consistent lengths, but hashes that do not match the geometry (another writer, a bug):
+    # read as "no session" rather than failing every later frame of the session.
+    assert unpack_state(pack_state(replace(_state(), block_hashes=_state().block_hashes[:-8]))) is None
+    assert unpack_state(pack_state(replace(_state(), resized_size=(160, 96)))) is None
 
 
 def test_in_process_store_ttl_and_bound():
@@ -60,6 +65,16 @@ def test_in_process_store_ttl_and_bound():
     assert store.get("x") is None and store.get("z") == _state(3) and len(store) == 2
     with pytest.raises(ValueError):
         InProcessSessionStore(ttl_s=0)
+
+
+def test_in_process_store_drops_expired_sessions_on_put():
+    clock = FakeClock()
+    store = InProcessSessionStore(ttl_s=10, clock=clock, max_sessions=100)
+    for name in "abc":
+        store.put(name, _state(1))
+    clock.now += 10.5  # a, b, c have expired (ended streams never look themselves up again)
+    store.put("d", _state(2))
+    assert len(store) == 1 and store.get("d") == _state(2)
 
 
 def test_redis_store_round_trip_and_ttl(redis_server):

@@ -87,6 +87,18 @@ def test_stop_finishes_queued_work_and_refuses_new():
         w.submit(lambda: 0)
 
 
+def test_submit_racing_with_stop_is_failed_not_left_hanging():
+    """A submit that passed the `_stopping` check just before stop() puts its job after the
+    worker has gone: its future must fail at once instead of never resolving."""
+    w = ModelWorker(queue_size=4)
+    w.stop(timeout=5)
+    w._stopping = False  # the state a racing submit saw when it checked
+    future = w.submit(lambda: 1)
+    with pytest.raises(QueueFull, match="shutting down"):
+        future.result(timeout=1)
+    assert w.depth == 0
+
+
 def test_lru_evicts_least_recently_used():
     cache = LRUCache(2)
     cache.put("a", 1), cache.put("b", 2)
