@@ -38,6 +38,7 @@ import grpc
 import numpy as np
 from PIL import Image
 
+from pixelprune.geometry import to_rgb_array
 from pixelprune.grounding.v1 import grounding_pb2 as pb
 from pixelprune.grounding.v1 import grounding_pb2_grpc as pb_grpc
 
@@ -197,7 +198,7 @@ def encode_image(image: ImageInput, max_message_bytes: int = DEFAULT_MAX_MESSAGE
             return _checked_encoded(data, max_message_bytes)
         try:
             with Image.open(io.BytesIO(data)) as im:
-                pixels = np.asarray(im.convert("RGB"))
+                pixels = to_rgb_array(im)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise ValueError(f"{path}: not an image file Pillow can read ({exc})") from None
         return encode_pixels(pixels, max_message_bytes, frame_encoding)
@@ -207,7 +208,7 @@ def encode_image(image: ImageInput, max_message_bytes: int = DEFAULT_MAX_MESSAGE
             raise ValueError("image bytes are not PNG, JPEG or WebP; pass raw pixels as a uint8 (H, W, 3) array")
         return _checked_encoded(data, max_message_bytes)
     if isinstance(image, Image.Image):
-        return encode_pixels(np.asarray(image.convert("RGB")), max_message_bytes, frame_encoding)
+        return encode_pixels(to_rgb_array(image), max_message_bytes, frame_encoding)
     if isinstance(image, np.ndarray):
         return encode_pixels(image, max_message_bytes, frame_encoding)
     raise ValueError(f"unsupported image input {type(image).__name__}: "

@@ -58,9 +58,11 @@ def smart_resize(height: int, width: int, factor: int = BLOCK_SIZE,
     return h_bar, w_bar
 
 
-def _to_rgb_array(image) -> np.ndarray:
+def to_rgb_array(image) -> np.ndarray:
     """uint8 (H, W, 3) from a PIL image (alpha composited on white, like the
-    processor's convert_to_rgb) or from a uint8 (H, W, 3) array."""
+    processor's convert_to_rgb) or from a uint8 (H, W, 3) array. The one conversion
+    the library, the service and the client share, so a screenshot gives the same
+    pixels whichever way it travels."""
     if isinstance(image, Image.Image):
         has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
         if has_alpha:
@@ -106,7 +108,7 @@ def resize_to(image, height: int, width: int) -> np.ndarray:
     sides change Pillow picks the order of its two passes itself, so Pillow runs."""
     if height <= 0 or width <= 0:
         raise ValueError(f"target size must be positive, got {width}x{height} (WxH)")
-    pixels = _to_rgb_array(image)
+    pixels = to_rgb_array(image)
     if pixels.shape[:2] == (height, width):
         return pixels
     one_side = pixels.shape[0] == height or pixels.shape[1] == width

@@ -26,11 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from transformers.image_transforms import convert_to_rgb
 
 from pixelprune.geometry import (
-    BLOCK_SIZE, MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE, check_pixels, image_grid_thw,
-    kept_pixel_values, resize_to, smart_resize,
+    BLOCK_SIZE, MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE, image_grid_thw,
+    kept_pixel_values, resize_to, smart_resize, to_rgb_array,
 )
 from pixelprune.selectors import METHODS, METRICS, select_blocks
 
@@ -101,10 +100,8 @@ class PreparedImage:
 
 def _rgb_pixels(image) -> np.ndarray:
     """uint8 (H, W, 3) from a PIL image (converted like the processor: alpha on white) or array."""
-    if isinstance(image, Image.Image):
-        return convert_to_rgb(image, return_numpy=True)
-    if isinstance(image, np.ndarray):
-        return check_pixels(image)
+    if isinstance(image, (Image.Image, np.ndarray)):
+        return to_rgb_array(image)
     raise ValueError(f"expected a PIL image or a uint8 (H, W, 3) array, got {type(image).__name__}")
 
 

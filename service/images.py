@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from pixelprune.geometry import MAX_ASPECT_RATIO, to_rgb_array
+
 FORMATS = ("PNG", "JPEG", "WEBP")  # the encoded formats accepted
-MAX_ASPECT_RATIO = 200  # = pixelprune.geometry.MAX_ASPECT_RATIO: Qwen3-VL's smart_resize refuses more
 
 
 class ImageError(ValueError):
@@ -41,17 +42,6 @@ def check_size(width: int, height: int, max_pixels: int) -> None:
         raise ImageError(f"image aspect ratio {width}x{height} exceeds {MAX_ASPECT_RATIO}:1")
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
-    """RGB like the Qwen processor's convert_to_rgb: transparent pixels composited on white."""
-    if im.mode == "RGB":
-        return im
-    if "A" in im.getbands() or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
-
-
 def decode_encoded(data: bytes, max_pixels: int) -> np.ndarray:
     """PNG / JPEG / WebP bytes -> uint8 (H, W, 3); the first frame of animations; alpha on white."""
     if not data:
@@ -60,7 +50,7 @@ def decode_encoded(data: bytes, max_pixels: int) -> np.ndarray:
         with Image.open(io.BytesIO(data), formats=FORMATS) as im:
             check_size(im.width, im.height, max_pixels)
             im.load()  # the whole decode; truncated data raises here
-            pixels = np.asarray(to_rgb(im), dtype=np.uint8)
+            pixels = to_rgb_array(im)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

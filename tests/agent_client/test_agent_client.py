@@ -18,6 +18,7 @@ from agent_client.client import (MESSAGE_OVERHEAD_BYTES, AuthenticationError, Gr
                                  pruning_settings)
 from agent_testlib import TOKEN, free_port, server_config
 from pixelprune.grounding.v1 import grounding_pb2 as pb
+from service.images import decode_encoded
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -65,8 +66,14 @@ def test_pixels_are_png_encoded_losslessly(tmp_path, screenshot):
     bmp = tmp_path / "shot.bmp"  # not a format the server takes: decoded here and re-encoded
     Image.fromarray(screenshot).save(bmp)
     assert np.array_equal(decoded(encode_image(bmp)), screenshot)
+    # Transparency: the client converts as the server does with the same image sent as a PNG
+    # file (alpha composited on white), so the model sees the same pixels either way.
     rgba = Image.fromarray(np.dstack([screenshot, np.full(screenshot.shape[:2], 7, np.uint8)]), "RGBA")
-    assert np.array_equal(decoded(encode_image(rgba)), screenshot)
+    as_file = io.BytesIO()
+    rgba.save(as_file, format="PNG")
+    server_side = decode_encoded(as_file.getvalue(), max_pixels=10**8)
+    assert np.array_equal(decoded(encode_image(rgba)), server_side)
+    assert server_side.min() >= 240  # 7/255 opaque: nearly the white background
 
 
 def test_noise_goes_raw_because_png_would_be_larger():

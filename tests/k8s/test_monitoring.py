@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from k8s_metrics import CONTRACT, from_contract, from_exposition, live_server_available, scrape_live_server
+from k8s_metrics import from_contract, from_exposition, live_server_available, scrape_live_server
 from k8s_tools import (K8S, PROMQL_FUNCTIONS, grafana_to_promql, kustomize, one, promql_identifiers,
                        promql_label_names, require_tool)
 
