@@ -64,6 +64,8 @@ def to_rgb_array(image) -> np.ndarray:
     the library, the service and the client share, so a screenshot gives the same
     pixels whichever way it travels."""
     if isinstance(image, Image.Image):
+        if image.mode == "RGB":
+            return np.asarray(image)  # no convert(): it would copy the pixels once more
         has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
         if has_alpha:
             rgba = image.convert("RGBA")
