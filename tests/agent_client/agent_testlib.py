@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,12 +21,6 @@ MONITOR_2 = Monitor(index=2, left=1280, top=128, width=1280, height=768)
 WINDOW_TITLE = "PixelPrune agent test window"
 WINDOW_GEOMETRY = (1400, 300, 420, 260)  # global x, y, width, height: on monitor 2
 WINDOW_RGB = (255, 64, 32)  # its background; channel order matters (mss grabs BGRA)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def need_tool(tool: str, package: str) -> str:

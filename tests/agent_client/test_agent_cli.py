@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from agent_client.capture import ScreenCapture
-from agent_testlib import MONITOR_2, agent_command, free_port, on_display
+from agent_testlib import MONITOR_2, agent_command, on_display
+from net_testlib import free_port
 
 POINT_2 = (0.642 * MONITOR_2.width, 0.318 * MONITOR_2.height)  # the pointing model's answer on monitor 2
 

@@ -16,7 +16,8 @@ from PIL import Image
 from agent_client.client import (MESSAGE_OVERHEAD_BYTES, AuthenticationError, GroundingClient, GroundingError,
                                  GroundResult, InvalidRequest, ServerUnavailable, encode_image, encode_pixels,
                                  pruning_settings)
-from agent_testlib import TOKEN, free_port, server_config
+from agent_testlib import TOKEN, server_config
+from net_testlib import free_port
 from pixelprune.grounding.v1 import grounding_pb2 as pb
 from service.images import decode_encoded
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import queue
-import socket
 import threading
 import urllib.request
 
@@ -17,12 +16,6 @@ from pixelprune.grounding.v1 import grounding_pb2 as pb
 from pixelprune.grounding.v1 import grounding_pb2_grpc as pb_grpc
 
 MAX_NEW_TOKENS = 4  # enough for the random model to say something; keeps each run short
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class CountingEngine:

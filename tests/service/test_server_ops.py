@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pixelprune.grounding.v1 import grounding_pb2 as pb
-from service_testlib import FrameFeed, free_port, png_bytes, raw_image, scrape, stub_for
+from net_testlib import free_port
+from service_testlib import FrameFeed, png_bytes, raw_image, scrape, stub_for
 
 SERVICE = "pixelprune.grounding.v1.Grounding"
 
