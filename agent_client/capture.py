@@ -97,14 +97,28 @@ def _check_display() -> None:
         raise DisplayError(f"no X display: DISPLAY is not set{hint}; start Xvfb or run inside a desktop session")
 
 
-def _import_mss():
-    """mss and its error type; mss is the optional extra `client`, imported where it is needed."""
+def _open_mss():
+    """(an open mss instance, its monitor list, its error type) on the current display.
+
+    mss is the optional extra `client`, imported where it is needed; no mss, no DISPLAY or a
+    display that does not open -> DisplayError with one line."""
+    _check_display()
     try:
         import mss
         from mss.exception import ScreenShotError
     except ImportError:
         raise DisplayError("screen capture needs mss: pip install 'pixelprune[client]'") from None
-    return mss, ScreenShotError
+    try:
+        sct = mss.MSS() if hasattr(mss, "MSS") else mss.mss()
+        return sct, sct.monitors, ScreenShotError
+    except ScreenShotError as exc:
+        raise DisplayError(f"cannot open the display {os.environ.get('DISPLAY', '')!r}: "
+                           f"{' '.join(str(exc).split())}") from None
+
+
+def _as_monitor(index: int, m: dict) -> Monitor:
+    """A Monitor from one entry of mss's monitor list."""
+    return Monitor(index, int(m["left"]), int(m["top"]), int(m["width"]), int(m["height"]))
 
 
 class ScreenCapture:
@@ -113,23 +127,13 @@ class ScreenCapture:
     monitor: mss index, 1.. for one monitor, 0 for all of them together."""
 
     def __init__(self, monitor: int = 1):
-        _check_display()
-        mss, ScreenShotError = _import_mss()
-
-        self._error_type = ScreenShotError
-        try:
-            self._sct = mss.MSS() if hasattr(mss, "MSS") else mss.mss()
-            monitors = self._sct.monitors
-        except ScreenShotError as exc:
-            raise DisplayError(f"cannot open the display {os.environ.get('DISPLAY', '')!r}: "
-                               f"{' '.join(str(exc).split())}") from None
+        self._sct, monitors, self._error_type = _open_mss()
         if not isinstance(monitor, int) or not 0 <= monitor < len(monitors):
             self._sct.close()
             listed = ", ".join(f"{i}: {m['width']}x{m['height']}{m['left']:+d}{m['top']:+d}"
                                for i, m in enumerate(monitors))
             raise DisplayError(f"no monitor {monitor}; available: {listed}")
-        m = monitors[monitor]
-        self.monitor = Monitor(monitor, int(m["left"]), int(m["top"]), int(m["width"]), int(m["height"]))
+        self.monitor = _as_monitor(monitor, monitors[monitor])
 
     def __enter__(self) -> ScreenCapture:
         return self
@@ -153,16 +157,9 @@ class ScreenCapture:
 
 def monitors() -> list[Monitor]:
     """All mss monitors (index 0 = the union, then each monitor)."""
-    _check_display()
-    mss, ScreenShotError = _import_mss()
-
-    try:
-        with (mss.MSS() if hasattr(mss, "MSS") else mss.mss()) as sct:
-            return [Monitor(i, int(m["left"]), int(m["top"]), int(m["width"]), int(m["height"]))
-                    for i, m in enumerate(sct.monitors)]
-    except ScreenShotError as exc:
-        raise DisplayError(f"cannot open the display {os.environ.get('DISPLAY', '')!r}: "
-                           f"{' '.join(str(exc).split())}") from None
+    sct, listed, _ = _open_mss()
+    with sct:
+        return [_as_monitor(i, m) for i, m in enumerate(listed)]
 
 
 def click(x: int, y: int, button: int = 1) -> None:
