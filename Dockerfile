@@ -55,7 +55,7 @@ RUN if ls /tmp/flash-attn-wheels/*.whl >/dev/null 2>&1; then pip install /tmp/fl
  && rm -rf /tmp/flash-attn-wheels
 # The package (the build context is filtered by .dockerignore).
 COPY . /src
-RUN pip install /src && rm -rf /src
+RUN pip install "/src[service]" && rm -rf /src
 USER 10001:10001
 WORKDIR /home/pixelprune
 VOLUME ["/models"]

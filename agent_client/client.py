@@ -39,8 +39,8 @@ import numpy as np
 from PIL import Image
 
 from pixelprune.geometry import to_rgb_array
-from pixelprune.grounding.v1 import grounding_pb2 as pb
-from pixelprune.grounding.v1 import grounding_pb2_grpc as pb_grpc
+from pixelprune_api.grounding.v1 import grounding_pb2 as pb
+from pixelprune_api.grounding.v1 import grounding_pb2_grpc as pb_grpc
 
 log = logging.getLogger("agent_client")
 

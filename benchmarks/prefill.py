@@ -6,9 +6,9 @@ The model is built in-process from a config (below) with random weights: the
 times and cache sizes are those of real Qwen3-VL code (transformers'
 Qwen3VLForConditionalGeneration) at that size, the generated text is meaningless.
 Tokenizer, chat template and preprocessor config come from the tiny checkpoint
-(`pixelprune.tiny`), so nothing is downloaded.
+(`pixelprune.model.tiny`), so nothing is downloaded.
 
-Per screenshot of the shared corpus, medians over --runs runs of:
+Per screenshot of the test corpus (tests/data/corpus), medians over --runs runs of:
   * preprocessing: the processor's full path (`processor(images=, text=)`) vs our
     pipeline (resize + select + patchify + tokenize, only kept blocks normalised);
   * ViT, LLM prefill (first token) and TTFT, keep-all vs pruned, both through
@@ -33,14 +33,14 @@ import torch
 from PIL import Image
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-from pixelprune.engine import GroundingEngine, FirstTokenClock
+from pixelprune.model.engine import GroundingEngine, FirstTokenClock
 from pixelprune.flops import ModelConfig, TextConfig, VisionConfig, estimate
-from pixelprune.pipeline import PruneSettings, build_inputs, user_message
+from pixelprune.model.pipeline import PruneSettings, build_inputs, user_message
 from pixelprune.points import grounding_prompt
-from pixelprune.qwen3_vl import load_processor
-from pixelprune.tiny import TINY_CONFIG, write_tiny_checkpoint
+from pixelprune.model.processor import load_processor
+from pixelprune.model.tiny import TINY_CONFIG, write_tiny_checkpoint
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+CORPUS = Path(__file__).resolve().parents[1] / "tests" / "data" / "corpus"
 DEFAULT_IMAGES = ("desktop_pcmanfm_xterm_mousepad_1920x1080.png", "web_python_tutorial_classes_1920x1080.png")
 INSTRUCTION = "the Save button"
 VISION = {"depth": 4, "hidden_size": 256, "intermediate_size": 1024, "num_heads": 4, "deepstack_visual_indexes": [1, 2, 3]}

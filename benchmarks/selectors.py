@@ -3,7 +3,7 @@
 One CPU thread everywhere (thread env vars set before numpy is imported,
 torch.set_num_threads(1)). Prints markdown tables:
 
-1. median microseconds per block over the shared corpus (each image cropped to
+1. median microseconds per block over the test corpus (tests/data/corpus) (each image cropped to
    whole blocks), per method / metric / tau, for: select_blocks as shipped
    (vectorised numpy at tau = 0, numba loop at tau > 0 when numba is installed),
    the plain-numpy fallback (numba disabled), and select_blocks_torch on CPU
@@ -45,9 +45,9 @@ from PIL import Image  # noqa: E402
 from pixelprune import geometry, selectors  # noqa: E402
 from pixelprune.geometry import kept_patch_rows, kept_pixel_values, resize_to, smart_resize  # noqa: E402
 from pixelprune.selectors import METHODS, select_blocks  # noqa: E402
-from pixelprune.selectors_torch import select_blocks_torch  # noqa: E402
+from pixelprune.model.selectors_torch import select_blocks_torch  # noqa: E402
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+CORPUS = Path(__file__).resolve().parents[1] / "tests" / "data" / "corpus"
 SETTINGS = [("max", 0.0), ("max", 0.02), ("max", 0.05), ("mae", 0.02)]
 AUTHOR_NAMES = {("pred2d", "max", 0.0): "pred_2d:exact:0.0", ("raster", "max", 0.0): "raster:exact:0.0",
                 ("serpentine", "max", 0.0): "serpentine:exact:0.0", ("pred2d", "max", 0.02): "pred_2d:max:0.02",

@@ -3,7 +3,7 @@
     python benchmarks/service.py [--runs 10] [--hits 300] [--streams 16 64] [--duration 20]
 
 The server is `pixelprune serve` in a subprocess on loopback with the tiny
-RANDOM-WEIGHT checkpoint (`pixelprune.tiny`: nothing is downloaded); the model
+RANDOM-WEIGHT checkpoint (`pixelprune.model.tiny`: nothing is downloaded); the model
 time is therefore small and meaningless, which is what makes the service's own
 overhead visible. Printed as markdown:
 
@@ -49,10 +49,10 @@ from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pixelprune.grounding.v1 import grounding_pb2 as pb  # noqa: E402
-from pixelprune.grounding.v1 import grounding_pb2_grpc as pb_grpc  # noqa: E402
+from pixelprune_api.grounding.v1 import grounding_pb2 as pb  # noqa: E402
+from pixelprune_api.grounding.v1 import grounding_pb2_grpc as pb_grpc  # noqa: E402
 
-SCREENSHOT = ROOT.parent / "shared" / "corpus" / "desktop_pcmanfm_xterm_mousepad_1920x1080.png"
+SCREENSHOT = ROOT / "tests" / "data" / "corpus" / "desktop_pcmanfm_xterm_mousepad_1920x1080.png"
 ENGINE_STAGES = ("resize_ms", "select_ms", "patchify_ms", "vit_ms", "prefill_ms", "decode_tokens_ms")
 
 
@@ -111,7 +111,7 @@ def overhead(model: str, runs: int) -> dict:
     Per run: one request without a session; one in a session whose frame alternates between the
     screenshot and a one-pixel variant (so it is compared and saved but never a cache hit); the
     engine alone on the same pixels."""
-    from pixelprune.engine import GroundingEngine, ModelSpec, PruneSettings
+    from pixelprune.model.engine import GroundingEngine, ModelSpec, PruneSettings
 
     data = SCREENSHOT.read_bytes()
     pixels = np.asarray(Image.open(SCREENSHOT).convert("RGB"))
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     model = args.model
     if model is None:
-        from pixelprune.tiny import write_tiny_checkpoint
+        from pixelprune.model.tiny import write_tiny_checkpoint
         model = str(write_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", seed=0))
 
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())} ({os.cpu_count()} cores)")

@@ -1,9 +1,12 @@
 """PixelPrune: drop 32x32 pixel blocks that their causal neighbours predict,
 before the vision encoder, and run Qwen3-VL on the rest with full-image positions.
 
-The core (geometry, selectors, decoder, baselines, statistics) is plain numpy.
-Names are imported lazily so that `import pixelprune` never pulls in torch or
-transformers; `pixelprune.PrunedQwen3VL` does, when first touched.
+Two floors: the core (settings, geometry, selectors, decoder, hashing, baselines,
+statistics, pictures, FLOPs/KV estimator, points) is plain numpy and never imports
+torch, transformers or grpc; the model layer (`pixelprune.model`) is torch and
+transformers and imports the core, never the other way round. Names are imported
+lazily so that `import pixelprune` never pulls in torch; `pixelprune.PrunedQwen3VL`
+does, when first touched (it needs the `model` extra).
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "select_blocks": "pixelprune.selectors",
-    "METHODS": "pixelprune.selectors",
-    "METRICS": "pixelprune.selectors",
-    "select_blocks_torch": "pixelprune.selectors_torch",
+    "METHODS": "pixelprune.settings",
+    "METRICS": "pixelprune.settings",
+    "select_blocks_torch": "pixelprune.model.selectors_torch",
     "reconstruct": "pixelprune.decoder",
     "smart_resize": "pixelprune.geometry",
     "resize_to": "pixelprune.geometry",
@@ -29,10 +32,10 @@ _EXPORTS = {
     "compute_stats": "pixelprune.stats",
     "render_keep": "pixelprune.show",
     "estimate": "pixelprune.flops",
-    "PrunedQwen3VL": "pixelprune.qwen3_vl",
+    "PrunedQwen3VL": "pixelprune.model.adapter",
     "parse_point": "pixelprune.points",
-    "PruneSettings": "pixelprune.engine",
-    "GroundingEngine": "pixelprune.engine",
+    "PruneSettings": "pixelprune.settings",
+    "GroundingEngine": "pixelprune.model.engine",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -17,9 +17,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "stats": ("pixelprune.stats", "retain ratio of images or folders (dataset level, per category)"),
     "show": ("pixelprune.show", "draw kept and pruned blocks of one image (the paper's Figure 1)"),
     "estimate": ("pixelprune.flops", "FLOPs and KV-cache bytes of Qwen3-VL, full vs pruned"),
-    "tiny-checkpoint": ("pixelprune.tiny", "write a tiny random-weight Qwen3-VL checkpoint for tests"),
+    "tiny-checkpoint": ("pixelprune.model.tiny", "write a tiny random-weight Qwen3-VL checkpoint for tests"),
     "serve": ("service.cli", "run the gRPC grounding service"),
 }
+# The extra a subcommand's imports come from, named when they are missing.
+EXTRAS = {"tiny-checkpoint": "model", "serve": "service"}
 
 
 class CliError(Exception):
@@ -31,13 +33,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pixelprune", description="PixelPrune: lossless visual-token pruning for Qwen3-VL")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = argv[0] if argv else None
-    for name, (module, help_text) in SUBCOMMANDS.items():
+    module = None
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
+        p.set_defaults(_module=module_name)
         if name == chosen:  # import only the module that will run
-            importlib.import_module(module).add_arguments(p)
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                extra = EXTRAS.get(name, "dev")
+                print(f"pixelprune {name}: error: {exc}; install the '{extra}' extra: "
+                      f"pip install 'pixelprune[{extra}]'", file=sys.stderr)
+                return 2
+            module.add_arguments(p)
     args = parser.parse_args(argv)
-    module = importlib.import_module(args._module)
+    module = module or importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)
     except (CliError, ValueError, FileNotFoundError, PermissionError) as exc:

@@ -24,9 +24,8 @@ import numpy as np
 from pixelprune._jit import Kernels
 from pixelprune.geometry import BLOCK_SIZE, check_block_pixels
 from pixelprune.hashing import block_hashes
+from pixelprune.settings import METHODS, METRICS
 
-METHODS = ("raster", "serpentine", "pred2d")
-METRICS = ("max", "mae")
 BLOCK_VALUES = BLOCK_SIZE * BLOCK_SIZE * 3  # 3072 uint8 values per block
 _ROW_BYTES = BLOCK_SIZE * 3  # 96 bytes: one pixel row of one block
 _ROW_WORDS = _ROW_BYTES // 8  # 12 uint64 words

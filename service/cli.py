@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("model %s on %s (%s), max %d new tokens; sessions in %s; pruning %s",
              config.model, engine.device, str(engine.dtype).replace("torch.", ""), config.max_new_tokens,
              "Redis" if config.redis_url else "this process",
-             f"{config.prune_method}/{config.prune_metric}/tau={config.prune_tau}" if config.prune_enabled else "off")
+             config.prune)
     if engine.is_random_weights:
         log.warning("%s has RANDOM WEIGHTS (a test checkpoint): its answers carry no meaning", config.model)
     return serve(config, engine=engine)

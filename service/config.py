@@ -14,10 +14,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+from pixelprune.settings import PruneSettings
+
 MIB = 1024 * 1024
 ENV_PREFIX = "PIXELPRUNE_"
-PRUNE_METHODS = ("raster", "serpentine", "pred2d")  # = pixelprune.selectors.METHODS
-PRUNE_METRICS = ("max", "mae")  # = pixelprune.selectors.METRICS
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,7 @@ class ServiceConfig:
     auth_token_file: str | None = None  # file holding the bearer token; None = no auth
     tls_cert: str | None = None  # PEM certificate chain; with tls_key enables TLS
     tls_key: str | None = None  # PEM private key
-    prune_enabled: bool = True  # default pruning on/off (requests may override)
-    prune_method: str = "pred2d"  # default scan order / predictor
-    prune_metric: str = "max"  # default block distance
-    prune_tau: float = 0.0  # default threshold in [0, 1] (0 = lossless)
+    prune: PruneSettings = PruneSettings()  # default pruning (requests may override each field)
     log_level: str = "INFO"  # Python logging level name
 
     def validate(self) -> "ServiceConfig":
@@ -63,10 +60,6 @@ class ServiceConfig:
             (self.session_ttl_s > 0 and math.isfinite(self.session_ttl_s), "--session-ttl-s must be > 0"),
             (self.vision_cache_size >= 0, "--vision-cache-size must be >= 0"),
             (self.drain_grace_s >= 0 and math.isfinite(self.drain_grace_s), "--drain-grace-s must be >= 0"),
-            (self.prune_method in PRUNE_METHODS, f"--prune-method must be one of {', '.join(PRUNE_METHODS)}"),
-            (self.prune_metric in PRUNE_METRICS, f"--prune-metric must be one of {', '.join(PRUNE_METRICS)}"),
-            (math.isfinite(self.prune_tau) and 0.0 <= self.prune_tau <= 1.0,
-             f"--prune-tau must be in [0, 1], got {self.prune_tau}"),
             ((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together"),
             (self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
              f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}"),
@@ -144,8 +137,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the serve flags; defaults stay None so the environment can fill them in."""
     defaults = ServiceConfig()
     for field, flag, _parse, help_text in _OPTIONS:
+        default = getattr(defaults.prune, field[len("prune_"):]) if field.startswith("prune_") else getattr(defaults, field)
         parser.add_argument(flag, dest=field, default=None, metavar=field.split("_")[-1].upper(),
-                            help=f"{help_text} [env {env_name(flag)}; default {getattr(defaults, field)}]")
+                            help=f"{help_text} [env {env_name(flag)}; default {default}]")
     parser.add_argument("--no-prune", dest="no_prune", action="store_true", default=None,
                         help=f"run the model on every block by default [env {env_name('--no-prune')}]")
 
@@ -168,6 +162,12 @@ def from_namespace(args: argparse.Namespace, environ: Mapping[str, str]) -> Serv
         no_prune = _bool(environ[env_name("--no-prune")])
     if no_prune is not None:
         values["prune_enabled"] = not no_prune
+    prune = {name[len("prune_"):]: values.pop(name) for name in list(values) if name.startswith("prune_")}
+    try:
+        values["prune"] = PruneSettings(**prune)
+    except ValueError as exc:  # name the flag: "unknown pruning method ..." -> --prune-method
+        field = next((name for name in ("method", "metric", "tau") if f"pruning {name}" in str(exc)), "method")
+        raise ValueError(f"--prune-{field}: {exc}") from None
     return ServiceConfig(**values).validate()
 
 

@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 
 from pixelprune.hashing import block_hashes
+from pixelprune.settings import PruneSettings
 from service.cache import LRUCache, vision_key
 from service.errors import DeadlineExpired
 from service.images import RawImage, decode_image
@@ -36,27 +37,11 @@ SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 @dataclass(frozen=True)
-class PruningRequest:
-    method: str | None  # "pred2d", "raster", "serpentine"; None = server default
-    metric: str | None  # "max", "mae"; None = server default
-    tau: float | None  # in [0, 1] of the pixel range; None = server default
-    disabled: bool  # True = keep every block
-
-
-@dataclass(frozen=True)
-class PruningDefaults:
-    enabled: bool  # prune unless the request disables it
-    method: str  # default method
-    metric: str  # default metric
-    tau: float  # default tau in [0, 1]
-
-
-@dataclass(frozen=True)
 class GroundQuery:
     image: bytes | RawImage | None  # encoded PNG/JPEG/WebP bytes or raw RGB
     instruction: str  # what to find
     session_id: str  # "" = no session
-    pruning: PruningRequest | None  # None = server defaults
+    pruning: PruneSettings  # resolved at the edge (request fields over the server's defaults)
 
 
 @dataclass(frozen=True)
@@ -79,20 +64,6 @@ class GroundAnswer:
     @property
     def retain_ratio(self) -> float:
         return self.kept_blocks / self.total_blocks if self.total_blocks else 0.0
-
-
-def resolve_pruning(request: PruningRequest | None, defaults: PruningDefaults):
-    """The engine's PruneSettings for a request, and a hashable key of them. ValueError if invalid."""
-    from pixelprune.engine import PruneSettings
-
-    request = request or PruningRequest(None, None, None, False)
-    tau = defaults.tau if request.tau is None else float(request.tau)
-    if not (np.isfinite(tau) and 0.0 <= tau <= 1.0):
-        raise ValueError(f"pruning tau must be finite and in [0, 1], got {tau}")
-    settings = PruneSettings(enabled=defaults.enabled and not request.disabled,
-                             method=request.method or defaults.method, metric=request.metric or defaults.metric,
-                             tau=tau).validate()  # both in [0, 1] of the pixel range
-    return settings, (settings.enabled, settings.method, settings.metric, float(settings.tau))
 
 
 def source_digest(image: bytes | RawImage | None) -> bytes:
@@ -128,10 +99,9 @@ class Grounder:
     """Runs GroundQuery -> GroundAnswer against one engine, session store, vision cache and worker."""
 
     def __init__(self, engine, store: SessionStore, vision_cache: LRUCache, worker: ModelWorker,
-                 metrics: ServiceMetrics, defaults: PruningDefaults, max_image_pixels: int,
-                 max_instruction_chars: int):
+                 metrics: ServiceMetrics, max_image_pixels: int, max_instruction_chars: int):
         self.engine, self.store, self.vision_cache, self.worker = engine, store, vision_cache, worker
-        self.metrics, self.defaults = metrics, defaults
+        self.metrics = metrics
         self.max_image_pixels, self.max_instruction_chars = max_image_pixels, max_instruction_chars
         self._kv_per_token = kv_bytes_per_token(engine)
         self._prompt_text_tokens = 0  # text tokens of the last prompt (calibrates the in-use estimate)
@@ -153,7 +123,7 @@ class Grounder:
         A full model queue raises QueueFull at once, or, with `wait_while`, once it turns False."""
         arrival = time.perf_counter()
         self.validate(query)
-        settings, key = resolve_pruning(query.pruning, self.defaults)
+        settings, key = query.pruning, query.pruning.key
         src = source_digest(query.image)
         previous = self.store.get(query.session_id) if query.session_id else None
         if self._same_request(previous, query.instruction, key) and previous.source_digest == src:

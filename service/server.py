@@ -21,13 +21,13 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from pixelprune.geometry import BLOCK_SIZE
-from pixelprune.grounding.v1 import grounding_pb2 as pb
-from pixelprune.grounding.v1 import grounding_pb2_grpc as pb_grpc
+from pixelprune_api.grounding.v1 import grounding_pb2 as pb
+from pixelprune_api.grounding.v1 import grounding_pb2_grpc as pb_grpc
 from pixelprune.hashing import block_hashes
 from service.cache import LRUCache
 from service.config import ServiceConfig
 from service.errors import BearerAuthInterceptor
-from service.grounding import Grounder, PruningDefaults
+from service.grounding import Grounder
 from service.metrics import MetricsServer, ServiceMetrics, start_metrics_server
 from service.servicer import GroundingServicer
 from service.sessions import InProcessSessionStore, RedisSessionStore, redis_client
@@ -76,7 +76,7 @@ class ServerHandle:
 
 def load_engine(config: ServiceConfig):
     """The configured model, loaded (imports torch and transformers)."""
-    from pixelprune.engine import GroundingEngine, ModelSpec
+    from pixelprune.model.engine import GroundingEngine, ModelSpec
 
     return GroundingEngine.load(ModelSpec(model=config.model, device=config.device, dtype=config.dtype,
                                           max_new_tokens=config.max_new_tokens))
@@ -124,10 +124,8 @@ def create_server(config: ServiceConfig, engine=None, registry: CollectorRegistr
     engine = engine if engine is not None else load_engine(config)
     metrics = ServiceMetrics(registry)
     worker = ModelWorker(config.queue_size, on_depth=metrics.record_queue_depth, on_wait=metrics.record_queue_wait)
-    defaults = PruningDefaults(enabled=config.prune_enabled, method=config.prune_method,
-                               metric=config.prune_metric, tau=config.prune_tau)
     grounder = Grounder(engine, _session_store(config, metrics), LRUCache(config.vision_cache_size), worker,
-                        metrics, defaults, config.max_image_pixels, config.max_instruction_chars)
+                        metrics, config.max_image_pixels, config.max_instruction_chars)
     denied = lambda method: metrics.record_request(method.rsplit("/", 1)[-1], "UNAUTHENTICATED", 0.0)  # noqa: E731
     interceptors = [BearerAuthInterceptor(token, on_denied=denied)] if token else []
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
@@ -137,7 +135,7 @@ def create_server(config: ServiceConfig, engine=None, registry: CollectorRegistr
                                                     thread_name_prefix="pixelprune-rpc"),
                          interceptors=interceptors, options=options,
                          maximum_concurrent_rpcs=config.max_concurrent_rpcs)
-    pb_grpc.add_GroundingServicer_to_server(GroundingServicer(grounder, metrics), server)
+    pb_grpc.add_GroundingServicer_to_server(GroundingServicer(grounder, metrics, config.prune), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

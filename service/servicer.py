@@ -17,10 +17,11 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from pixelprune.grounding.v1 import grounding_pb2 as pb
-from pixelprune.grounding.v1 import grounding_pb2_grpc as pb_grpc
+from pixelprune_api.grounding.v1 import grounding_pb2 as pb
+from pixelprune_api.grounding.v1 import grounding_pb2_grpc as pb_grpc
 from service.errors import stream_errors, unary_errors
-from service.grounding import GroundAnswer, Grounder, GroundQuery, PruningRequest
+from pixelprune.settings import PruneSettings
+from service.grounding import GroundAnswer, Grounder, GroundQuery
 from service.images import RawImage
 from service.metrics import ServiceMetrics
 
@@ -29,14 +30,20 @@ _METHODS = {pb.PruningSettings.METHOD_PRED2D: "pred2d", pb.PruningSettings.METHO
 _METRICS = {pb.PruningSettings.METRIC_MAX: "max", pb.PruningSettings.METRIC_MAE: "mae"}
 
 
-def pruning_from_pb(msg: pb.PruningSettings) -> PruningRequest:
-    """Proto pruning settings -> PruningRequest; ValueError for enum values this server does not know."""
+def settings_from_pb(msg: pb.PruningSettings | None, defaults: PruneSettings) -> PruneSettings:
+    """The one mapping from the proto's pruning message onto PruneSettings: set fields over the
+    server's defaults (None = no message). ValueError for enum values this server does not know
+    and for an invalid tau (PruneSettings validates)."""
+    if msg is None:
+        return defaults
     if msg.method != pb.PruningSettings.METHOD_UNSPECIFIED and msg.method not in _METHODS:
         raise ValueError(f"unknown pruning method {msg.method}")
     if msg.metric != pb.PruningSettings.METRIC_UNSPECIFIED and msg.metric not in _METRICS:
         raise ValueError(f"unknown pruning metric {msg.metric}")
-    return PruningRequest(method=_METHODS.get(msg.method), metric=_METRICS.get(msg.metric),
-                          tau=msg.tau if msg.HasField("tau") else None, disabled=msg.disabled)
+    return PruneSettings(enabled=defaults.enabled and not msg.disabled,
+                         method=_METHODS.get(msg.method, defaults.method),
+                         metric=_METRICS.get(msg.metric, defaults.metric),
+                         tau=msg.tau if msg.HasField("tau") else defaults.tau)
 
 
 def image_from_pb(msg: pb.Image) -> bytes | RawImage | None:
@@ -48,10 +55,10 @@ def image_from_pb(msg: pb.Image) -> bytes | RawImage | None:
     return None
 
 
-def query_from_pb(request: pb.GroundRequest) -> GroundQuery:
+def query_from_pb(request: pb.GroundRequest, defaults: PruneSettings) -> GroundQuery:
+    pruning = request.pruning if request.HasField("pruning") else None
     return GroundQuery(image=image_from_pb(request.image), instruction=request.instruction,
-                       session_id=request.session_id,
-                       pruning=pruning_from_pb(request.pruning) if request.HasField("pruning") else None)
+                       session_id=request.session_id, pruning=settings_from_pb(pruning, defaults))
 
 
 def to_pb(answer: GroundAnswer, skipped_frames: int = 0, sequence: int = 0) -> pb.GroundResponse:
@@ -123,9 +130,9 @@ class NewestFrame:
             return item, skipped
 
 
-def read_frames(frames, slot: NewestFrame) -> None:
+def read_frames(frames, slot: NewestFrame, defaults: PruneSettings) -> None:
     """The stream's reader thread: frames -> queries (stream state applied in order) -> slot."""
-    session_id, instruction, pruning = "", "", None
+    session_id, instruction, pruning = "", "", defaults
     try:
         for index, frame in enumerate(frames):
             if index == 0:
@@ -136,7 +143,7 @@ def read_frames(frames, slot: NewestFrame) -> None:
             if not instruction:
                 raise ValueError("the first frame of a stream must carry an instruction")
             if frame.HasField("pruning"):
-                pruning = pruning_from_pb(frame.pruning)
+                pruning = settings_from_pb(frame.pruning, defaults)
             query = GroundQuery(image=image_from_pb(frame.image), instruction=instruction,
                                 session_id=session_id, pruning=pruning)
             slot.put(_Pending(query=query, sequence=frame.sequence))
@@ -150,16 +157,17 @@ def read_frames(frames, slot: NewestFrame) -> None:
 class GroundingServicer(pb_grpc.GroundingServicer):
     """Ground and GroundStream over one Grounder."""
 
-    def __init__(self, grounder: Grounder, metrics: ServiceMetrics):
+    def __init__(self, grounder: Grounder, metrics: ServiceMetrics, defaults: PruneSettings):
         self.grounder = grounder
         self.metrics = metrics
+        self.defaults = defaults  # the server's pruning settings; request fields override them
 
     def on_rpc_done(self, rpc: str, code: str, seconds: float) -> None:
         self.metrics.record_request(rpc, code, seconds)
 
     @unary_errors("Ground")
     def Ground(self, request, context):
-        answer = self.grounder.ground(query_from_pb(request), deadline=deadline_of(context),
+        answer = self.grounder.ground(query_from_pb(request, self.defaults), deadline=deadline_of(context),
                                       is_active=context.is_active)
         return to_pb(answer)
 
@@ -167,7 +175,7 @@ class GroundingServicer(pb_grpc.GroundingServicer):
     def GroundStream(self, request_iterator, context):
         slot = NewestFrame()
         context.add_callback(slot.close)  # cancellation or end of RPC wakes the responder
-        threading.Thread(target=read_frames, args=(request_iterator, slot), daemon=True,
+        threading.Thread(target=read_frames, args=(request_iterator, slot, self.defaults), daemon=True,
                          name="pixelprune-stream-reader").start()
         while (item := slot.take()) is not None:
             pending, skipped = item

@@ -1,4 +1,4 @@
-"""Fixtures shared by every test package: the shared corpus, the tiny random
+"""Fixtures shared by every test package: the test corpus (tests/data/corpus), the tiny random
 Qwen3-VL checkpoint, and a real `redis-server` on a loopback port."""
 
 from __future__ import annotations
@@ -15,13 +15,11 @@ import pytest
 from net_testlib import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "corpus"
+CORPUS = Path(__file__).resolve().parent / "data" / "corpus"  # screenshots, manifest, reference keep sets
 
 
 @pytest.fixture(scope="session")
 def corpus_dir() -> Path:
-    if not (CORPUS / "manifest.json").exists():
-        pytest.fail(f"shared corpus not found at {CORPUS}")
     return CORPUS
 
 
@@ -33,7 +31,7 @@ def corpus_manifest(corpus_dir) -> list[dict]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A complete local Qwen3-VL checkpoint with deterministic random weights."""
-    from pixelprune.tiny import write_tiny_checkpoint
+    from pixelprune.model.tiny import write_tiny_checkpoint
 
     out = tmp_path_factory.mktemp("tiny-qwen3vl")
     write_tiny_checkpoint(out, seed=0)

@@ -114,7 +114,7 @@ def token_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pointing_checkpoint(tmp_path_factory) -> Path:
     """The tiny checkpoint rigged to answer POINTING_ANSWER (`pixelprune tiny-checkpoint --answer`)."""
-    from pixelprune.tiny import write_tiny_checkpoint
+    from pixelprune.model.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("pointing") / "checkpoint", seed=0,
                                  answer=POINTING_ANSWER)

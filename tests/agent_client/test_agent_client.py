@@ -18,7 +18,7 @@ from agent_client.client import (MESSAGE_OVERHEAD_BYTES, AuthenticationError, Gr
                                  pruning_settings)
 from agent_testlib import TOKEN, server_config
 from net_testlib import free_port
-from pixelprune.grounding.v1 import grounding_pb2 as pb
+from pixelprune_api.grounding.v1 import grounding_pb2 as pb
 from service.images import decode_encoded
 
 

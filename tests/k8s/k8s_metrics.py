@@ -73,8 +73,8 @@ def scrape_live_server(tiny_checkpoint: Path) -> str:
     """Start a real server, send real requests, return its /metrics text."""
     import grpc
 
-    from pixelprune.grounding.v1 import grounding_pb2 as pb
-    from pixelprune.grounding.v1 import grounding_pb2_grpc as pb_grpc
+    from pixelprune_api.grounding.v1 import grounding_pb2 as pb
+    from pixelprune_api.grounding.v1 import grounding_pb2_grpc as pb_grpc
     from service.config import from_args_and_env
     from service.server import create_server
 

@@ -13,7 +13,7 @@ from service_testlib import MAX_NEW_TOKENS, CountingEngine
 
 @pytest.fixture(scope="session")
 def engine(tiny_checkpoint):
-    from pixelprune.engine import GroundingEngine, ModelSpec
+    from pixelprune.model.engine import GroundingEngine, ModelSpec
 
     loaded = GroundingEngine.load(ModelSpec(model=str(tiny_checkpoint), device="cpu", max_new_tokens=MAX_NEW_TOKENS))
     loaded.warmup()

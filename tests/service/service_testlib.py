@@ -12,8 +12,8 @@ import urllib.request
 import numpy as np
 from PIL import Image
 
-from pixelprune.grounding.v1 import grounding_pb2 as pb
-from pixelprune.grounding.v1 import grounding_pb2_grpc as pb_grpc
+from pixelprune_api.grounding.v1 import grounding_pb2 as pb
+from pixelprune_api.grounding.v1 import grounding_pb2_grpc as pb_grpc
 
 MAX_NEW_TOKENS = 4  # enough for the random model to say something; keeps each run short
 

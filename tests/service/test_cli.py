@@ -19,7 +19,8 @@ def test_bad_flag_value(capsys):
 def test_bad_environment(capsys, monkeypatch):
     monkeypatch.setenv("PIXELPRUNE_PRUNE_METHOD", "zigzag")
     assert main(["serve"]) == 2
-    assert "--prune-method must be one of raster, serpentine, pred2d" in capsys.readouterr().err
+    assert "--prune-method: unknown pruning method 'zigzag'; expected one of raster, serpentine, pred2d" \
+        in capsys.readouterr().err
 
 
 def test_missing_model(capsys, tmp_path):

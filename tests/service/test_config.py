@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from pixelprune.settings import PruneSettings
 from service.config import MIB, ServiceConfig, env_name, from_args_and_env
 
 
@@ -15,8 +16,7 @@ def test_defaults_are_the_documented_ones():
     assert config.max_message_bytes == 64 * MIB and config.max_image_pixels == 50_000_000
     assert (config.queue_size, config.session_ttl_s, config.vision_cache_size, config.drain_grace_s) == \
         (16, 600.0, 32, 30.0)
-    assert (config.prune_enabled, config.prune_method, config.prune_metric, config.prune_tau) == \
-        (True, "pred2d", "max", 0.0)
+    assert config.prune == PruneSettings(enabled=True, method="pred2d", metric="max", tau=0.0)
     assert config.redis_url is None and config.auth_token_file is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.port = 1
@@ -27,11 +27,10 @@ def test_environment_fills_in_and_flags_win():
            "PIXELPRUNE_PRUNE_TAU": "0.25", "PIXELPRUNE_NO_PRUNE": "true", "PIXELPRUNE_MODEL": "/ckpt"}
     config = from_args_and_env(["--port", "7000", "--prune-method", "raster"], env)
     assert config.port == 7000  # flag wins
-    assert (config.queue_size, config.redis_url, config.prune_tau, config.model) == \
-        (3, "redis://r:6379/1", 0.25, "/ckpt")
-    assert config.prune_method == "raster" and config.prune_enabled is False
-    assert from_args_and_env(["--no-prune"], {}).prune_enabled is False
-    assert from_args_and_env([], {"PIXELPRUNE_NO_PRUNE": "0"}).prune_enabled is True
+    assert (config.queue_size, config.redis_url, config.model) == (3, "redis://r:6379/1", "/ckpt")
+    assert config.prune == PruneSettings(enabled=False, method="raster", metric="max", tau=0.25)
+    assert from_args_and_env(["--no-prune"], {}).prune.enabled is False
+    assert from_args_and_env([], {"PIXELPRUNE_NO_PRUNE": "0"}).prune.enabled is True
 
 
 def test_env_names():
@@ -42,10 +41,10 @@ def test_env_names():
     (["--port", "70000"], {}, "--port must be in 0..65535"),
     (["--queue-size", "0"], {}, "--queue-size must be >= 1"),
     ([], {"PIXELPRUNE_QUEUE_SIZE": "many"}, "PIXELPRUNE_QUEUE_SIZE: cannot read 'many'"),
-    (["--prune-method", "zigzag"], {}, "--prune-method must be one of"),
-    (["--prune-metric", "mse"], {}, "--prune-metric must be one of"),
-    (["--prune-tau", "1.5"], {}, "--prune-tau must be in [0, 1]"),
-    (["--prune-tau", "nan"], {}, "--prune-tau must be in [0, 1]"),
+    (["--prune-method", "zigzag"], {}, "--prune-method: unknown pruning method"),
+    (["--prune-metric", "mse"], {}, "--prune-metric: unknown pruning metric"),
+    (["--prune-tau", "1.5"], {}, "--prune-tau: pruning tau must be a finite number in [0, 1]"),
+    (["--prune-tau", "nan"], {}, "--prune-tau: pruning tau must be a finite number in [0, 1]"),
     (["--tls-cert", "/x.pem"], {}, "--tls-cert and --tls-key go together"),
     (["--auth-token-file", "/nonexistent/token"], {}, "no such file"),
     (["--redis-url", "http://x"], {}, "--redis-url must start with"),

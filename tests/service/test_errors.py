@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
-from pixelprune.grounding.v1 import grounding_pb2 as pb
+from pixelprune_api.grounding.v1 import grounding_pb2 as pb
 from service.errors import Cancelled, DeadlineExpired, QueueFull, status_of
 from service.images import ImageError
 from service_testlib import raw_image, scrape, stub_for

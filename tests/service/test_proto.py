@@ -15,13 +15,13 @@ def test_generated_code_is_current(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     for name in GENERATED:
-        fresh = (tmp_path / "pixelprune" / "grounding" / "v1" / name).read_bytes()
-        committed = (ROOT / "pixelprune" / "grounding" / "v1" / name).read_bytes()
+        fresh = (tmp_path / "pixelprune_api" / "grounding" / "v1" / name).read_bytes()
+        committed = (ROOT / "pixelprune_api" / "grounding" / "v1" / name).read_bytes()
         assert fresh == committed, f"{name} is stale: run `python tools/gen_proto.py`"
 
 
 def test_service_and_messages_are_as_documented():
-    from pixelprune.grounding.v1 import grounding_pb2 as pb
+    from pixelprune_api.grounding.v1 import grounding_pb2 as pb
 
     service = pb.DESCRIPTOR.services_by_name["Grounding"]
     assert service.full_name == "pixelprune.grounding.v1.Grounding"

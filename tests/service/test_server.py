@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixelprune.engine import PruneSettings
-from pixelprune.grounding.v1 import grounding_pb2 as pb
+from pixelprune.model.engine import PruneSettings
+from pixelprune_api.grounding.v1 import grounding_pb2 as pb
 from service_testlib import FrameFeed, jpeg_bytes, png_bytes, raw_image, stub_for
 from service.images import decode_encoded
 

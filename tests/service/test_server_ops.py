@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pixelprune.grounding.v1 import grounding_pb2 as pb
+from pixelprune_api.grounding.v1 import grounding_pb2 as pb
 from net_testlib import free_port
 from service_testlib import FrameFeed, png_bytes, raw_image, scrape, stub_for
 

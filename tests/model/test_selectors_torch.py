@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pixelprune.selectors import METHODS, METRICS, select_blocks
-from pixelprune.selectors_torch import select_blocks_torch
+from pixelprune.model.selectors_torch import select_blocks_torch
 from pixelprune_testlib import planted_image
 
 TAUS = (0.0, 0.02, 0.05)
@@ -41,7 +41,7 @@ def test_random_grids_match_numpy(seed, rows, cols, method, metric, tau):
 
 
 @pytest.mark.parametrize("name", ["desktop_pcmanfm_xterm_mousepad_1920x1080.png",
-                                  "jpeg_web_gtk3_widget_1920x1080.png"])
+                                  "mobile_flask_quickstart_1170x2532.png"])
 def test_corpus_images_match_numpy(corpus_dir, name):
     image = np.asarray(Image.open(corpus_dir / name).convert("RGB"))
     pixels = np.ascontiguousarray(image[:image.shape[0] // 32 * 32, :image.shape[1] // 32 * 32])

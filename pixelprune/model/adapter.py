@@ -26,9 +26,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
-from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from transformers.utils.generic import get_max_seqlen
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
+
+from pixelprune.model.positions import grid_list, kept_patch_rows, prune_token_inputs, same_masks, validate_keep
+from pixelprune.model.processor import rows_to_uint8_images
+from pixelprune.selectors import select_blocks
+from pixelprune.settings import PruneSettings
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ class PrunedInputs:
 class PrunedQwen3VL:
     """Pixel-pruned inference for one loaded Qwen3VLForConditionalGeneration instance.
 
-    `config` is a `pixelprune.engine.PruneSettings` (enabled, method, metric, tau) used when
+    `config` is a `pixelprune.settings.PruneSettings` (enabled, method, metric, tau) used when
     no `keep` masks are given; None means the default settings (lossless pred2d). No class
     is modified: two wrappers with different settings may share a process. The only model
     state written is the instance's own `model.model.rope_deltas`, as the stock forward does.
@@ -75,11 +79,9 @@ class PrunedQwen3VL:
         if not hasattr(model, "model") or not hasattr(model.model, "visual") or not hasattr(model.model, "get_rope_index"):
             raise ValueError(f"expected a loaded Qwen3VLForConditionalGeneration, got {type(model).__name__}")
         if config is None:
-            from pixelprune.engine import PruneSettings
-
             config = PruneSettings()
-        if hasattr(config, "validate"):
-            config.validate()
+        if not isinstance(config, PruneSettings):
+            raise ValueError(f"config must be a pixelprune.settings.PruneSettings, got {type(config).__name__}")
         self.model = model
         self.config = config
 
@@ -91,11 +93,9 @@ class PrunedQwen3VL:
         are inverted with round((x*0.5 + 0.5)*255) and rearranged to (H, W, 3).
         Pruning disabled -> all-True masks (the stock path). No counterpart in transformers:
         this is the pixel-level step that runs before the ViT."""
-        grids = _grid_list(image_grid_thw)
-        if not getattr(self.config, "enabled", True):
+        grids = grid_list(image_grid_thw)
+        if not self.config.enabled:
             return [np.ones((h // 2, w // 2), dtype=bool) for _, h, w in grids]
-        from pixelprune.selectors import select_blocks
-
         images = rows_to_uint8_images(pixel_values, grids)
         return [select_blocks(img, method=self.config.method, metric=self.config.metric, tau=self.config.tau)
                 for img in images]
@@ -113,10 +113,10 @@ class PrunedQwen3VL:
         by kept blocks, not by `grid.prod()//4`. `pixel_values` may hold all rows of the
         processor output or only the kept blocks' rows (4 per block). Runs under the caller's
         grad mode, like the stock model (wrap in torch.inference_mode() to serve)."""
-        grids = _grid_list(image_grid_thw)
-        masks = _validate_keep(keep, grids)
+        grids = grid_list(image_grid_thw)
+        masks = validate_keep(keep, grids)
         kept = [int(m.sum()) for m in masks]
-        rows = _kept_patch_rows(masks, grids)
+        rows = kept_patch_rows(masks, grids)
         n_full, n_kept = sum(t * h * w for t, h, w in grids), 4 * sum(kept)
         if pixel_values.ndim != 2:
             raise ValueError(f"pixel_values must be 2-D (rows, features), got shape {tuple(pixel_values.shape)}")
@@ -168,9 +168,9 @@ class PrunedQwen3VL:
                  "image_grid_thw": image_grid_thw, "mm_token_type_ids": mm_token_type_ids}
         stock = {k: v for k, v in stock.items() if v is not None}
         if vision is not None:
-            if image_grid_thw is not None and _grid_list(image_grid_thw) != list(vision.image_grid_thw):
+            if image_grid_thw is not None and grid_list(image_grid_thw) != list(vision.image_grid_thw):
                 raise ValueError("image_grid_thw does not match the grids of the given vision features")
-            if keep is not None and not _same_masks(_validate_keep(keep, list(vision.image_grid_thw)), vision.keep):
+            if keep is not None and not same_masks(validate_keep(keep, list(vision.image_grid_thw)), vision.keep):
                 raise ValueError("keep masks differ from the masks the vision features were encoded with")
             grid = torch.tensor(vision.image_grid_thw, dtype=torch.long)
         elif image_grid_thw is None:
@@ -181,11 +181,11 @@ class PrunedQwen3VL:
             grid = image_grid_thw
             if pixel_values is None:
                 raise ValueError("pixel_values (or vision=) is required when image_grid_thw is given")
-            masks = self.select(pixel_values, grid) if keep is None else _validate_keep(keep, _grid_list(grid))
-            if all(m.all() for m in masks) and pixel_values.shape[0] == sum(t * h * w for t, h, w in _grid_list(grid)):
+            masks = self.select(pixel_values, grid) if keep is None else validate_keep(keep, grid_list(grid))
+            if all(m.all() for m in masks) and pixel_values.shape[0] == sum(t * h * w for t, h, w in grid_list(grid)):
                 return PrunedInputs(model_kwargs=stock, vision=None, pruned=False, rope_deltas=None)
             vision = self.encode_images(pixel_values, grid, masks)
-        kwargs, deltas = _prune_token_inputs(self.model, input_ids, attention_mask, mm_token_type_ids,
+        kwargs, deltas = prune_token_inputs(self.model, input_ids, attention_mask, mm_token_type_ids,
                                             grid, vision.keep)
         kwargs["mm_encoder_outputs"] = {"image": vision.encoder_output()}
         return PrunedInputs(model_kwargs=kwargs, vision=vision, pruned=True, rope_deltas=deltas)
@@ -230,87 +230,6 @@ class PrunedQwen3VL:
         return out
 
 
-def load_processor(name_or_path: str, **kwargs):
-    """`AutoProcessor.from_pretrained(name_or_path)`, or, where torchvision is missing (transformers
-    5.23's AutoProcessor then cannot build Qwen3VLProcessor's video processor), the same
-    Qwen3VLProcessor assembled from its tokenizer, PIL image processor and chat template, with a
-    video processor that works for images only."""
-    from transformers import AutoProcessor
-    from transformers.utils import is_torchvision_available
-
-    if is_torchvision_available():
-        return AutoProcessor.from_pretrained(name_or_path, **kwargs)
-    from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-    return _ImageOnlyQwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessorPil.from_pretrained(name_or_path, **kwargs), tokenizer=tokenizer,
-        video_processor=Qwen3VLVideoProcessor(), chat_template=tokenizer.chat_template)
-
-
-class _ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
-    """Qwen3VLProcessor (5.23 `processing_qwen3_vl.py`) built without torchvision. Only change:
-    the video processor's class check is skipped, because without torchvision transformers
-    exposes `BaseVideoProcessor` as a dummy. Images and text work as in the stock class;
-    videos fail inside the video processor (they need torchvision)."""
-
-    def check_argument_for_proper_class(self, argument_name, argument):
-        if argument_name == "video_processor":
-            return type(argument)
-        return super().check_argument_for_proper_class(argument_name, argument)
-
-
-def rows_to_uint8_images(pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[np.ndarray]:
-    """Invert the Qwen3-VL processor exactly: rows (sum t*h*w, 3*2*16*16) normalised with mean = std
-    = 0.5 -> uint8 (h*16, w*16, 3) per image (first temporal copy). ValueError if the rows are not
-    such values (another normalisation, or only the kept rows)."""
-    n_full = sum(t * h * w for t, h, w in grids)
-    if pixel_values.ndim != 2 or pixel_values.shape[0] != n_full or pixel_values.shape[1] % 6 != 0:
-        raise ValueError(f"selection needs all {n_full} processor rows, got shape {tuple(pixel_values.shape)}")
-    x = pixel_values.detach().to("cpu", torch.float32).numpy()
-    u = np.rint((x * 0.5 + 0.5) * 255.0)
-    if np.abs(x - (u / 255.0 - 0.5) / 0.5).max(initial=0.0) > 2e-3 or u.min(initial=0) < 0 or u.max(initial=0) > 255:
-        raise ValueError("pixel_values are not processor rows normalised with mean = std = 0.5")
-    patch = int(round((x.shape[1] // 6) ** 0.5))
-    images, start = [], 0
-    for t, h, w in grids:
-        if t != 1:
-            raise ValueError(f"only images (grid t == 1) are supported, got t={t}")
-        blk = u[start:start + h * w].reshape(h // 2, w // 2, 2, 2, 3, 2, patch, patch)[:, :, :, :, :, 0]
-        # (bi, bj, r, c, C, y, x) -> (bi, r, y, bj, c, x, C)
-        images.append(np.ascontiguousarray(blk.transpose(0, 2, 5, 1, 3, 6, 4)).reshape(h * patch, w * patch, 3)
-                      .astype(np.uint8))
-        start += h * w
-    return images
-
-
-def _kept_patch_rows(masks: list[np.ndarray], grids: list[tuple[int, int, int]]) -> torch.Tensor:
-    """Indices of the kept patches' rows in the full (block-major) pixel_values of all images."""
-    rows, offset = [], 0
-    for mask, (t, h, w) in zip(masks, grids):
-        blocks = np.flatnonzero(mask.reshape(-1))
-        rows.append(offset + (4 * blocks[:, None] + np.arange(4)).reshape(-1))
-        offset += t * h * w
-    return torch.from_numpy(np.concatenate(rows).astype(np.int64))
-
-
-def _grid_list(image_grid_thw) -> list[tuple[int, int, int]]:
-    grid = torch.as_tensor(image_grid_thw)
-    if grid.ndim != 2 or grid.shape[1] != 3 or grid.shape[0] == 0:
-        raise ValueError(f"image_grid_thw must have shape (num_images, 3), got {tuple(grid.shape)}")
-    out = [tuple(int(v) for v in row) for row in grid.tolist()]
-    for t, h, w in out:
-        if t != 1 or h <= 0 or w <= 0 or h % 2 or w % 2:
-            raise ValueError(f"bad image grid (t={t}, h={h}, w={w}): need t == 1 and even h, w")
-    return out
-
-
-def _same_masks(a, b) -> bool:
-    return len(a) == len(b) and all(x.shape == y.shape and bool((x == y).all()) for x, y in zip(a, b))
-
-
 _UNSUPPORTED = ("pixel_values_videos", "video_grid_thw", "inputs_embeds", "position_ids", "mm_encoder_outputs")
 
 
@@ -319,88 +238,3 @@ def _check_kwargs(kwargs: dict) -> None:
     if bad := sorted(set(kwargs) & set(_UNSUPPORTED)):
         raise ValueError(f"unsupported inputs for PrunedQwen3VL: {bad} (videos are not supported; positions, "
                          "embeddings and encoder outputs are computed here)")
-
-
-def _validate_keep(keep, grids: list[tuple[int, int, int]]) -> list[np.ndarray]:
-    """Read-only bool keep masks, one (h/2, w/2) per image; ValueError on anything else."""
-    if isinstance(keep, (np.ndarray, torch.Tensor)) and keep.ndim == 2:
-        keep = [keep]
-    if not isinstance(keep, (list, tuple)) or len(keep) != len(grids):
-        n = len(keep) if isinstance(keep, (list, tuple)) else type(keep).__name__
-        raise ValueError(f"keep must be a list of one bool mask per image ({len(grids)}), got {n}")
-    masks = []
-    for i, (mask, (_, h, w)) in enumerate(zip(keep, grids)):
-        mask = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-        if mask.dtype != np.bool_ or mask.shape != (h // 2, w // 2):
-            raise ValueError(f"keep[{i}] must be a bool array of shape {(h // 2, w // 2)} (blocks of image {i}), "
-                             f"got {mask.dtype} {mask.shape}")
-        if not mask.any():
-            raise ValueError(f"keep[{i}] keeps no block; every image needs at least one")
-        mask = mask.copy()
-        mask.setflags(write=False)
-        masks.append(mask)
-    return masks
-
-
-def _image_runs(image_tokens: torch.Tensor) -> list[int]:
-    """Lengths of the runs of consecutive image tokens, sample by sample (get_rope_index's order)."""
-    runs = []
-    for row in image_tokens.cpu().numpy().astype(np.int8):
-        d = np.diff(np.concatenate([[0], row, [0]]))
-        runs.extend((np.flatnonzero(d == -1) - np.flatnonzero(d == 1)).tolist())
-    return runs
-
-
-def _prune_token_inputs(model, input_ids, attention_mask, mm_token_type_ids, grid, masks):
-    """Drop the pruned image tokens; returns (model kwargs, rope deltas (B, 1)).
-
-    MRoPE rows are `Qwen3VLModel.get_rope_index` (5.23 L913) of the FULL sequence, gathered at
-    the kept columns; row 0 is the text position (mask cumsum, as `_prepare_position_ids_for_generation`
-    of generation/utils.py:894). Samples are re-padded on the input's padding side (left when
-    the input has no right padding), pad columns get position 0 like get_rope_index's."""
-    cfg = model.config
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-    device = input_ids.device
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
-    if bool((input_ids == cfg.video_token_id).any()):
-        raise ValueError("video tokens are not supported by the pruned path")
-    image_tokens = input_ids == cfg.image_token_id
-    if mm_token_type_ids is None:
-        mm_token_type_ids = image_tokens.long()
-    elif mm_token_type_ids.shape != input_ids.shape or not torch.equal(mm_token_type_ids == 1, image_tokens):
-        raise ValueError("mm_token_type_ids must be 1 exactly at the image tokens of input_ids")
-    valid = attention_mask.bool()
-    if bool((image_tokens & ~valid).any()):
-        raise ValueError("image tokens inside the padding (attention_mask == 0)")
-    grids = _grid_list(grid)
-    need = [t * h * w // 4 for t, h, w in grids]
-    if (runs := _image_runs(image_tokens)) != need:
-        raise ValueError(f"image token runs in input_ids {runs} do not match image_grid_thw, which needs {need}")
-    token_keep = valid.clone()
-    token_keep[image_tokens] = torch.from_numpy(np.concatenate([m.reshape(-1) for m in masks])).to(device)
-    pos3, _ = model.model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=torch.as_tensor(grid).to(device),
-                                         attention_mask=attention_mask)
-    lengths = token_keep.sum(1)
-    width = int(lengths.max())
-    cols = torch.arange(width, device=device)[None]
-    right = bool((~valid[:, -1]).any())
-    slots = cols < lengths[:, None] if right else cols >= (width - lengths)[:, None]
-    pad = model.generation_config.pad_token_id
-    pad = pad if isinstance(pad, int) and pad != cfg.image_token_id else 0
-    ids = input_ids.new_full(slots.shape, pad)
-    ids[slots] = input_ids[token_keep]
-    types = mm_token_type_ids.new_zeros(slots.shape)
-    types[slots] = mm_token_type_ids[token_keep]
-    mask = attention_mask.new_zeros(slots.shape)
-    mask[slots] = 1
-    mrope = pos3.new_zeros((3, *slots.shape))
-    mrope[:, slots] = pos3[:, token_keep]
-    text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0).to(pos3.dtype)
-    deltas = pos3.masked_fill(~token_keep[None], -1).amax(dim=(0, 2)) + 1 - lengths
-    kwargs = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": types,
-              "position_ids": torch.cat([text[None], mrope], dim=0)}
-    return kwargs, deltas[:, None]

@@ -17,8 +17,8 @@ from transformers import AutoModelForImageTextToText
 from transformers.utils import is_torchvision_available
 
 from pixelprune.cli import main
-from pixelprune.qwen3_vl import load_processor
-from pixelprune.tiny import SPECIAL_TOKENS, TINY_CONFIG, write_tiny_checkpoint
+from pixelprune.model.processor import load_processor
+from pixelprune.model.tiny import SPECIAL_TOKENS, TINY_CONFIG, write_tiny_checkpoint
 
 FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
          "chat_template.jinja", "preprocessor_config.json", "video_preprocessor_config.json",
@@ -118,7 +118,7 @@ OFFLINE_SCRIPT = textwrap.dedent("""
     import sys, torch
     from PIL import Image
     from transformers import AutoModelForImageTextToText
-    from pixelprune.qwen3_vl import load_processor
+    from pixelprune.model.processor import load_processor
     path = sys.argv[1]
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     proc = load_processor(path)
@@ -163,7 +163,7 @@ def test_cli_bad_output_paths_and_seeds_exit_2(tmp_path, capsys, monkeypatch):
 
 
 def test_rigged_answer_reaches_the_point_parser(tmp_path, corpus_dir):
-    from pixelprune.engine import GroundingEngine, ModelSpec, PruneSettings
+    from pixelprune.model.engine import GroundingEngine, ModelSpec, PruneSettings
 
     out = write_tiny_checkpoint(tmp_path / "rigged", seed=0, answer="(642, 318)")
     assert "(642, 318)" in (out / "README.md").read_text()

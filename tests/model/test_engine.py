@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pixelprune.engine import (
+from pixelprune.model.engine import (
     PROMPT_CACHE_SIZE, GroundingEngine, GroundingOutput, ModelSpec, PruneSettings, checkpoint_has_random_weights, kv_cache_bytes,
     resolve_attn_implementation, resolve_device, resolve_dtype,
 )
 from pixelprune.geometry import resize_to, smart_resize
-from pixelprune.pipeline import tokenize, user_message
+from pixelprune.model.pipeline import tokenize, user_message
 from pixelprune.points import grounding_prompt, parse_point, point_to_pixels
 from pixelprune.selectors import select_blocks
 
@@ -104,7 +104,7 @@ def test_ground_returns_consistent_values(engine, screenshot):
 
 
 def _prompt_tokens(engine, prepared, instruction) -> int:
-    from pixelprune.pipeline import tokenize, user_message
+    from pixelprune.model.pipeline import tokenize, user_message
     from pixelprune.points import grounding_prompt
 
     ids = tokenize(engine.processor, user_message(grounding_prompt(instruction)), [prepared.image_grid_thw])
@@ -178,7 +178,7 @@ def test_kv_cache_bytes_of_a_fake_cache():
 
 def test_keep_all_answers_like_the_stock_model(engine, screenshot):
     """Pruning off: the engine's answer equals processor + stock `model.generate` (greedy)."""
-    from pixelprune.pipeline import user_message
+    from pixelprune.model.pipeline import user_message
     from pixelprune.points import grounding_prompt
 
     out = engine.ground(engine.prepare(screenshot, PruneSettings(enabled=False)), "Open the menu")

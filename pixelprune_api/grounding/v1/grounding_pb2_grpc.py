@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from pixelprune.grounding.v1 import grounding_pb2 as pixelprune_dot_grounding_dot_v1_dot_grounding__pb2
+from pixelprune_api.grounding.v1 import grounding_pb2 as pixelprune_dot_grounding_dot_v1_dot_grounding__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -22,11 +22,13 @@ import torch
 from transformers import AutoModelForImageTextToText
 from transformers.generation.streamers import BaseStreamer
 
-from pixelprune.pipeline import (PreparedImage, PruneSettings, chat_token_ids, prepare_image, tokenize, user_message,
+from pixelprune.model.pipeline import (PreparedImage, chat_token_ids, prepare_image, tokenize, user_message,
                                  vision_spec)
 from pixelprune.points import grounding_prompt, normalize_point, parse_point, point_to_pixels
-from pixelprune.qwen3_vl import PrunedQwen3VL, VisionFeatures, load_processor
-from pixelprune.selectors import METHODS, METRICS, select_blocks
+from pixelprune.model.adapter import PrunedQwen3VL, VisionFeatures
+from pixelprune.model.processor import load_processor
+from pixelprune.selectors import select_blocks
+from pixelprune.settings import METHODS, METRICS, PruneSettings
 
 __all__ = ["GroundingEngine", "GroundingOutput", "ModelSpec", "PreparedImage", "PruneSettings", "VisionFeatures"]
 

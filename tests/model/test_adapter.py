@@ -13,8 +13,9 @@ from PIL import Image, ImageDraw
 from transformers import AutoModelForImageTextToText
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights
 
-from pixelprune.pipeline import PruneSettings
-from pixelprune.qwen3_vl import PrunedQwen3VL, VisionFeatures, load_processor, rows_to_uint8_images
+from pixelprune.model.pipeline import PruneSettings
+from pixelprune.model.adapter import PrunedQwen3VL, VisionFeatures
+from pixelprune.model.processor import load_processor, rows_to_uint8_images
 from pixelprune.selectors import select_blocks
 
 PROMPT = "Click the Save button."

@@ -19,7 +19,6 @@ processor config, never guessed. One prompt (batch 1), any number of images.
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from dataclasses import dataclass
 
@@ -31,28 +30,8 @@ from pixelprune.geometry import (
     BLOCK_SIZE, MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE, image_grid_thw,
     kept_pixel_values, resize_to, smart_resize, to_rgb_array,
 )
-from pixelprune.selectors import METHODS, METRICS, select_blocks
-
-
-@dataclass(frozen=True)
-class PruneSettings:
-    enabled: bool = True  # False: keep every block (the stock model's input)
-    method: str = "pred2d"  # predictor: one of pixelprune.selectors.METHODS
-    metric: str = "max"  # block error metric: one of pixelprune.selectors.METRICS
-    tau: float = 0.0  # threshold on pixels in [0, 1] (max: largest |diff|, mae: mean |diff|); 0 = lossless
-
-    def validate(self) -> "PruneSettings":
-        """Raise ValueError for an unknown method/metric or a negative/non-finite tau; returns self."""
-        if not isinstance(self.enabled, bool):
-            raise ValueError(f"enabled must be a bool, got {self.enabled!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown pruning method {self.method!r}; expected one of {METHODS}")
-        if self.metric not in METRICS:
-            raise ValueError(f"unknown pruning metric {self.metric!r}; expected one of {METRICS}")
-        if isinstance(self.tau, bool) or not isinstance(self.tau, numbers.Real) \
-                or not math.isfinite(self.tau) or self.tau < 0:
-            raise ValueError(f"tau must be a finite number >= 0, got {self.tau!r}")
-        return self
+from pixelprune.selectors import select_blocks
+from pixelprune.settings import PruneSettings
 
 
 @dataclass(frozen=True)
@@ -108,7 +87,6 @@ def _rgb_pixels(image) -> np.ndarray:
 def prepare_image(image, settings: PruneSettings, spec: VisionSpec, device="cpu",
                   dtype: torch.dtype = torch.float32) -> PreparedImage:
     """Resize, select and patchify one image; only kept blocks are normalised."""
-    settings.validate()
     t0 = time.perf_counter()
     original = _rgb_pixels(image)
     height, width = original.shape[:2]

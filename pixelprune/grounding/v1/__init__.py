@@ -1,1 +1,0 @@
-"""Generated gRPC code for pixelprune.grounding.v1 (from proto/; `python tools/gen_proto.py`)."""
