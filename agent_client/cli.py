@@ -8,8 +8,11 @@
 every answer prints the frame's sequence number, the point in frame pixels, the
 same point in GLOBAL screen coordinates (monitor offset and HiDPI scale applied,
 see agent_client.capture), the retain ratio, cache hit, TTFT and skipped frames.
-With --json every answer is one JSON object per line. User errors (unreachable
-server, bad token, no display, bad arguments) print one line and exit with 2.
+With --json every answer is one JSON object per line. --annotate saves each
+answered frame at the model's size with the blocks the server pruned dimmed (the
+keep mask of the response: what the model saw, not a guess made here). User
+errors (unreachable server, bad token, no display, bad arguments) print one line
+and exit with 2.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ from PIL import Image, ImageDraw
 
 from agent_client.capture import CapturedFrame, ClickError, DisplayError, ScreenCapture, click, click_target, \
     frame_to_global
-from agent_client.client import GroundingClient, GroundingError, GroundResult
+from agent_client.client import GroundingClient
+from agent_client.messages import GroundingError, GroundResult
+from pixelprune.geometry import BLOCK_SIZE, resize_to, smart_resize
+from pixelprune.show import render_keep
 
 EXIT_USER_ERROR = 2
 POINT_RADIUS = 12  # px of the annotation's circle around the answer's point
@@ -69,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--fps", type=float, default=2.0, help="frames captured per second [2]")
     live.add_argument("--frames", type=int, default=0, help="stop after K frames (0 = until Ctrl-C)")
     live.add_argument("--click", action="store_true", help="click each answer's point (X11: xdotool)")
-    live.add_argument("--annotate", metavar="DIR", help="save each answered frame with point and pruned blocks")
+    live.add_argument("--annotate", metavar="DIR",
+                      help="save each answered frame with its point and the blocks the server pruned dimmed")
     _add_connection_arguments(live)
     live.set_defaults(run=run_live)
     return parser
@@ -194,38 +201,33 @@ def _answer(result: GroundResult, frame: CapturedFrame, args, annotate: Path | N
             click(cx, cy)
             report["clicked"] = True
     if annotate is not None:
-        image, drawn_kept = annotate_frame(frame.pixels, result, _pruning(args))
-        if drawn_kept != result.kept_blocks and not result.cache_hit and "keep" not in warned:
+        if result.keep is None and "keep" not in warned:
             warned.add("keep")
-            print(f"pixelprune-agent live: note: the drawn blocks ({drawn_kept} kept) use this client's pruning "
-                  f"settings; the server kept {result.kept_blocks} (pass --method/--metric/--tau to match)",
-                  file=sys.stderr)
+            print("pixelprune-agent live: note: the server sent no keep mask (an older server, or a session "
+                  "it stored): such frames are drawn without pruned blocks", file=sys.stderr)
+        image = annotate_frame(frame.pixels, result)
         path = annotate / f"frame-{result.sequence:06d}.png"
         image.save(path, compress_level=1)
         report["annotation"] = str(path)
     return report
 
 
-def annotate_frame(pixels: np.ndarray, result: GroundResult, pruning: dict) -> tuple[Image.Image, int]:
-    """The frame as the model saw it (resized to the answer's model size), pruned blocks
-    dimmed and the block grid drawn (pixelprune.show.render_keep), with the answer's point
-    marked by a circle and crosshair. The keep mask is recomputed here with the same
-    selector (the service returns only counts); returns the image and its kept count."""
-    from pixelprune.geometry import BLOCK_SIZE, resize_to, smart_resize
-    from pixelprune.selectors import select_blocks
-    from pixelprune.show import render_keep
-
+def annotate_frame(pixels: np.ndarray, result: GroundResult) -> Image.Image:
+    """The frame as the model saw it (resized to the answer's model size), the blocks the
+    server pruned (its keep mask, `result.keep`) dimmed and the block grid drawn
+    (pixelprune.show.render_keep), with the answer's point marked by a circle and crosshair.
+    Without a keep mask from the server nothing is dimmed and the caption says so."""
     height, width = pixels.shape[:2]
     model_w, model_h = result.model_size
     if model_w <= 0 or model_h <= 0:
         model_h, model_w = smart_resize(height, width)
     resized = resize_to(pixels, model_h, model_w)
-    if pruning["prune"]:
-        keep = select_blocks(resized, method=pruning["method"] or "pred2d", metric=pruning["metric"] or "max",
-                             tau=0.0 if pruning["tau"] is None else pruning["tau"])
+    if result.keep is not None:
+        image = render_keep(resized, result.keep, caption=f"frame {result.sequence}")
     else:
-        keep = np.ones((model_h // BLOCK_SIZE, model_w // BLOCK_SIZE), dtype=bool)
-    image = render_keep(resized, keep, caption=f"frame {result.sequence}")
+        everything = np.ones((model_h // BLOCK_SIZE, model_w // BLOCK_SIZE), dtype=bool)
+        image = render_keep(resized, everything, caption=f"frame {result.sequence}: no keep mask from the server",
+                            show_ratio=False)
     if result.point is not None:
         x, y = result.point[0] * model_w / width, result.point[1] * model_h / height
         draw = ImageDraw.Draw(image)
@@ -234,7 +236,7 @@ def annotate_frame(pixels: np.ndarray, result: GroundResult, pruning: dict) -> t
                          outline=color, width=thick)
             draw.line((x - 2 * POINT_RADIUS, y, x + 2 * POINT_RADIUS, y), fill=color, width=thick)
             draw.line((x, y - 2 * POINT_RADIUS, x, y + 2 * POINT_RADIUS), fill=color, width=thick)
-    return image, int(keep.sum())
+    return image
 
 
 def _live_line(result: GroundResult, report: dict) -> str:

@@ -1,11 +1,12 @@
 """Domain exceptions -> gRPC status codes, in one place; and the bearer-token interceptor.
 
-The servicer's handlers are wrapped by `rpc_errors(...)`: a ValueError (bad
-input) becomes INVALID_ARGUMENT with its message, a full queue
-RESOURCE_EXHAUSTED, an expired deadline DEADLINE_EXCEEDED, a cancelled call
-CANCELLED, and anything else INTERNAL with the traceback logged (a bug: the
-client gets no internals). Every outcome is reported to the servicer's
-`on_rpc_done(rpc, code_name, seconds)`.
+The servicer's handlers are wrapped by `unary_errors(rpc)` (Ground) and
+`stream_errors(rpc)` (GroundStream), which both map exceptions with `status_of`:
+a ValueError (bad input) becomes INVALID_ARGUMENT with its message, a full queue
+or a device out of memory RESOURCE_EXHAUSTED, an expired deadline
+DEADLINE_EXCEEDED, a cancelled call CANCELLED, and anything else INTERNAL with
+the traceback logged (a bug: the client gets no internals). Every outcome is
+reported to the servicer's `on_rpc_done(rpc, code_name, seconds)`.
 """
 
 from __future__ import annotations

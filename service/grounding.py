@@ -19,12 +19,13 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 
 from pixelprune.hashing import block_hashes
+from pixelprune.keepmask import pack_keep
 from pixelprune.settings import PruneSettings
 from service.cache import LRUCache, vision_key
 from service.errors import DeadlineExpired
@@ -60,6 +61,9 @@ class GroundAnswer:
     image_size: tuple[int, int]  # (W, H) as sent
     model_size: tuple[int, int]  # (w, h) after smart_resize
     random_weights: bool  # the model has random weights: the answer means nothing
+    # bool (model_h/32, model_w/32), True = block the model saw; None on a cache hit from a
+    # session stored without one
+    keep: np.ndarray | None = field(default=None, compare=False)
 
     @property
     def retain_ratio(self) -> float:
@@ -149,8 +153,10 @@ class Grounder:
         job = self.worker.run(lambda: self._model_step(prepared, query.instruction, vkey),
                               deadline=deadline, is_active=is_active, wait_while=wait_while)
         output, started = job.value
+        rows, cols, keep_bits = pack_keep(prepared.keep)
         answer = CachedAnswer(raw_text=output.raw_text, point=output.point, point_normalized=output.point_normalized,
-                              kept_blocks=output.kept_blocks, total_blocks=output.total_blocks)
+                              kept_blocks=output.kept_blocks, total_blocks=output.total_blocks,
+                              keep_shape=(rows, cols), keep_bits=keep_bits)
         if query.session_id:
             self.metrics.record_frame_cache(hit=False)
             self.store.put(query.session_id, SessionState(
@@ -162,8 +168,9 @@ class Grounder:
         timings = {**output.timings, "decode": decode_s, "queue": job.queue_wait_s, "ttft": ttft_s}
         self.metrics.record_stages({k: v for k, v in timings.items() if k != "vit" or not output.vision_reused})
         self.metrics.record_model_run(output.kept_blocks, output.total_blocks, output.kv_cache_bytes, ttft_s)
-        return self._answer(query, answer, changed, False, output.vision_reused, prepared.original_size,
-                            prepared.resized_size, timings, arrival)
+        return self._answer(query, answer, changed=changed, cache_hit=False, vision_hit=output.vision_reused,
+                            image_size=prepared.original_size, model_size=prepared.resized_size,
+                            timings=timings, arrival=arrival)
 
     def _model_step(self, prepared, instruction: str, vkey: tuple):
         """Runs on the model worker: the engine's ViT (unless cached), prefill and decoding.
@@ -199,11 +206,15 @@ class Grounder:
         else:  # the fast path: the changed fraction (0) was not recorded yet
             self.metrics.record_changed_fraction(0.0)
         self.store.put(query.session_id, previous)
-        return self._answer(query, previous.answer, 0.0, True, False, previous.original_size,
-                            previous.resized_size, {"decode": decode_s}, arrival)
+        return self._answer(query, previous.answer, changed=0.0, cache_hit=True, vision_hit=False,
+                            image_size=previous.original_size, model_size=previous.resized_size,
+                            timings={"decode": decode_s}, arrival=arrival)
 
-    def _answer(self, query, answer: CachedAnswer, changed: float, cache_hit: bool, vision_hit: bool,
-                image_size, model_size, timings: dict, arrival: float) -> GroundAnswer:
+    def _answer(self, query: GroundQuery, answer: CachedAnswer, *, changed: float, cache_hit: bool,
+                vision_hit: bool, image_size: tuple[int, int], model_size: tuple[int, int], timings: dict,
+                arrival: float) -> GroundAnswer:
+        """The answer to `query` from a model run's or a session's CachedAnswer (keep mask included);
+        `timings` in seconds by stage, `arrival` a time.perf_counter() value."""
         stages = ("decode", "resize", "select", "patchify", "vit", "prefill", "ttft", "decode_tokens", "queue")
         timings_ms = {name: 1000.0 * timings.get(name, 0.0) for name in stages}
         timings_ms["total"] = 1000.0 * (time.perf_counter() - arrival)
@@ -212,4 +223,4 @@ class Grounder:
             raw_answer=answer.raw_text, kept_blocks=answer.kept_blocks, total_blocks=answer.total_blocks,
             changed_fraction=changed, cache_hit=cache_hit, vision_cache_hit=vision_hit,
             session_id=query.session_id, timings_ms=timings_ms, image_size=tuple(image_size),
-            model_size=tuple(model_size), random_weights=bool(self.engine.is_random_weights))
+            model_size=tuple(model_size), random_weights=bool(self.engine.is_random_weights), keep=answer.keep())

@@ -17,6 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from pixelprune.keepmask import pack_keep
 from pixelprune_api.grounding.v1 import grounding_pb2 as pb
 from pixelprune_api.grounding.v1 import grounding_pb2_grpc as pb_grpc
 from service.errors import stream_errors, unary_errors
@@ -80,6 +81,9 @@ def to_pb(answer: GroundAnswer, skipped_frames: int = 0, sequence: int = 0) -> p
         response.point.x, response.point.y = answer.point
     if answer.point_normalized is not None:
         response.point_normalized.x, response.point_normalized.y = answer.point_normalized
+    if answer.keep is not None:
+        rows, cols, bits = pack_keep(answer.keep)
+        response.keep_mask.CopyFrom(pb.KeepMask(rows=rows, cols=cols, bits=bits))
     return response
 
 

@@ -2,8 +2,10 @@
 
 A session holds the previous frame's geometry, its per-block hashes (packed
 little-endian uint64), digests of its bytes, the instruction and pruning settings used,
-and the answer. Both stores have the same two methods, `get` and `put`, and
-neither raises on a storage failure: Redis errors are counted through a
+and the answer with the keep mask of the model run (packed bits, pixelprune.keepmask;
+absent in sessions stored before it was added, which still load; a server without it
+reads a session with it as no session). Both stores have the same two methods,
+`get` and `put`, and neither raises on a storage failure: Redis errors are counted through a
 callback and the request goes on without reuse. After a failure the Redis
 store skips Redis for a short back-off, so an outage costs one socket timeout
 per back-off period instead of one per request; the redis-py client reconnects
@@ -23,6 +25,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from pixelprune.keepmask import unpack_keep
+
 log = logging.getLogger(__name__)
 
 _FORMAT_VERSION = 1  # bump when the packed layout changes; other versions read as "no session"
@@ -36,6 +40,12 @@ class CachedAnswer:
     point_normalized: tuple[float, float] | None  # in [0, 1] of width and height
     kept_blocks: int  # visual tokens the model saw
     total_blocks: int  # visual tokens of the full image
+    keep_shape: tuple[int, int] | None = None  # (rows, cols) of 32x32 blocks of keep_bits; None = not stored
+    keep_bits: bytes | None = None  # the blocks the model saw, pixelprune.keepmask.pack_keep's bits
+
+    def keep(self) -> np.ndarray | None:
+        """The keep mask as bool (rows, cols), or None for an answer stored without one."""
+        return None if self.keep_bits is None else unpack_keep(*self.keep_shape, self.keep_bits)
 
 
 @dataclass(frozen=True)
@@ -60,13 +70,18 @@ class SessionState:
 
 
 def pack_state(state: SessionState) -> bytes:
-    """SessionState -> compact bytes: header, JSON meta, digests, raw hashes."""
+    """SessionState -> compact bytes: header, JSON meta, digests, raw hashes, keep bits (if any)."""
     meta = asdict(state)
     for key in ("block_hashes", "content_key", "source_digest"):
         meta[key] = len(meta[key])  # lengths only; the bytes follow the JSON
+    keep_bits = state.answer.keep_bits
+    if keep_bits is None:  # the layout of sessions stored before keep masks
+        del meta["answer"]["keep_bits"], meta["answer"]["keep_shape"]
+    else:
+        meta["answer"]["keep_bits"] = len(keep_bits)
     meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
     return b"".join([_HEADER.pack(_FORMAT_VERSION, len(meta_bytes)), meta_bytes,
-                     state.content_key, state.source_digest, state.block_hashes])
+                     state.content_key, state.source_digest, state.block_hashes, keep_bits or b""])
 
 
 def unpack_state(blob: bytes) -> SessionState | None:
@@ -82,16 +97,24 @@ def unpack_state(blob: bytes) -> SessionState | None:
         for key in ("content_key", "source_digest", "block_hashes"):
             parts[key] = bytes(blob[pos:pos + meta[key]])
             pos += meta[key]
+        ans = meta["answer"]
+        keep_bits = None if ans.get("keep_bits") is None else bytes(blob[pos:pos + ans["keep_bits"]])
+        pos += 0 if keep_bits is None else len(keep_bits)
         if pos != len(blob):
             return None
         resized_w, resized_h = meta["resized_size"]
-        if len(parts["block_hashes"]) != 8 * (resized_h // 32) * (resized_w // 32):
+        grid = (resized_h // 32, resized_w // 32)
+        if len(parts["block_hashes"]) != 8 * grid[0] * grid[1]:
             return None  # hashes that do not fit the geometry would fail every frame of the session
-        ans = meta["answer"]
+        if keep_bits is not None:
+            if tuple(ans["keep_shape"]) != grid:
+                return None
+            unpack_keep(*grid, keep_bits)  # ValueError for bad bits: a damaged value
         answer = CachedAnswer(raw_text=ans["raw_text"],
                               point=tuple(ans["point"]) if ans["point"] is not None else None,
                               point_normalized=tuple(ans["point_normalized"]) if ans["point_normalized"] else None,
-                              kept_blocks=int(ans["kept_blocks"]), total_blocks=int(ans["total_blocks"]))
+                              kept_blocks=int(ans["kept_blocks"]), total_blocks=int(ans["total_blocks"]),
+                              keep_shape=None if keep_bits is None else grid, keep_bits=keep_bits)
         return SessionState(original_size=tuple(meta["original_size"]), resized_size=tuple(meta["resized_size"]),
                             instruction=meta["instruction"], settings=tuple(meta["settings"]), answer=answer,
                             **parts)

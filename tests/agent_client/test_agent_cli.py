@@ -3,6 +3,7 @@ two-monitor Xvfb."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -13,8 +14,14 @@ import pytest
 from PIL import Image
 
 from agent_client.capture import ScreenCapture
+from agent_client.cli import POINT_RADIUS, annotate_frame
+from agent_client.messages import GroundResult
 from agent_testlib import MONITOR_2, agent_command, on_display
 from net_testlib import free_port
+from pixelprune.geometry import resize_to
+from pixelprune.keepmask import pack_keep, unpack_keep
+from pixelprune.show import render_keep
+from pixelprune_api.grounding.v1 import grounding_pb2 as pb
 
 POINT_2 = (0.642 * MONITOR_2.width, 0.318 * MONITOR_2.height)  # the pointing model's answer on monitor 2
 
@@ -115,6 +122,33 @@ def blocks_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (inner(a) == inner(b)).all(axis=(1, 3, 4))
 
 
+def server_keep(answer: dict) -> np.ndarray:
+    """The keep mask of a `--json` answer."""
+    m = answer["keep_mask"]
+    return unpack_keep(m["rows"], m["cols"], base64.b64decode(m["bits"]))
+
+
+def check_annotation(image: np.ndarray, model_pixels: np.ndarray, keep: np.ndarray, caption: str,
+                     point: tuple[float, float] | None, show_ratio: bool = True) -> None:
+    """`image` is exactly pixelprune.show.render_keep(model_pixels, keep, caption) but for the point
+    marker; and, independently of render_keep, every block outside the label box and the marker
+    is drawn as it is where `keep` is True and dimmed where it is False."""
+    expected = np.asarray(render_keep(model_pixels, keep, caption=caption, show_ratio=show_ratio))
+    marker = np.zeros(image.shape[:2], dtype=bool)
+    if point is not None:
+        reach = 2 * POINT_RADIUS + 3  # crosshair arms plus half the halo's width
+        x, y = round(point[0]), round(point[1])
+        marker[max(0, y - reach):y + reach + 1, max(0, x - reach):x + reach + 1] = True
+    differs = (image != expected).any(axis=2)
+    assert differs.any() == (point is not None) and not (differs & ~marker).any()
+    unlabelled = np.asarray(render_keep(model_pixels, keep, show_ratio=False))
+    covered = (expected != unlabelled).any(axis=2) | marker  # the label box and the marker
+    h, w = keep.shape
+    free = ~covered.reshape(h, 32, w, 32).any(axis=(1, 3))
+    assert free.sum() >= 0.8 * keep.size
+    assert np.array_equal(blocks_equal(image, model_pixels)[free], keep[free])
+
+
 def test_live_on_monitor_two(pointing_server, token_file, xvfb, demo_window, tmp_path):
     from pixelprune.selectors import select_blocks
 
@@ -133,11 +167,12 @@ def test_live_on_monitor_two(pointing_server, token_file, xvfb, demo_window, tmp
 
     with on_display(xvfb.display), ScreenCapture(2) as capture:
         screen = capture.grab().pixels  # the screen is static: what live captured
-    keep = select_blocks(screen)
     for a in answers:
         assert a["monitor"] == {"index": 2, "left": 1280, "top": 128, "width": 1280, "height": 768}
         assert a["frame_size"] == {"width": 1280, "height": 768}
-        # the server saw monitor 2's pixels: its block count is the one of this capture
+        # the server saw monitor 2's pixels: its keep mask is the selector's on this capture
+        keep = server_keep(a)
+        assert np.array_equal(keep, select_blocks(screen))
         assert (a["kept_blocks"], a["total_blocks"]) == (int(keep.sum()), keep.size)
         x, y = a["point"]["x"], a["point"]["y"]
         assert (x, y) == pytest.approx(POINT_2)
@@ -148,10 +183,8 @@ def test_live_on_monitor_two(pointing_server, token_file, xvfb, demo_window, tmp
 
         image = np.asarray(Image.open(a["annotation"]).convert("RGB"))
         assert image.shape == screen.shape  # 1280x768 needs no resize
-        same = blocks_equal(image, screen)
-        # kept blocks drawn as they are, pruned ones dimmed; the label box and the
-        # point marker cover a few blocks
-        assert (same != keep).sum() <= 0.05 * keep.size
+        # exactly the blocks the server kept, drawn as they are; the pruned ones dimmed
+        check_annotation(image, screen, keep, f"frame {a['sequence']}", (x, y))
         marker = image[int(y) - 1:int(y) + 2, int(x) - 1:int(x) + 2].reshape(-1, 3)
         assert any(tuple(p) == (230, 30, 40) for p in marker)
     assert sorted(p.name for p in out.iterdir()) == [f"frame-{a['sequence']:06d}.png" for a in answers]
@@ -196,3 +229,31 @@ def test_live_unknown_monitor(grounding_server, token_file, xvfb):
     done = agent("live", *connection(grounding_server, token_file), "--instruction", "x", "--monitor", "7",
                  env=xvfb.env())
     one_line_error(done, "pixelprune-agent live: error: no monitor 7; available: 0: 2560x1024+0+0")
+
+
+# --- annotate_frame (no server) --------------------------------------------------------
+
+
+def result_with(keep: np.ndarray | None, point: tuple[float, float] | None, sequence: int) -> GroundResult:
+    """An answer on the 1000x700 `screenshot` (model size 992x704, 22 x 31 blocks), as received."""
+    r = pb.GroundResponse(found=point is not None, image_width=1000, image_height=700, model_width=992,
+                          model_height=704, sequence=sequence)
+    if point is not None:
+        r.point.x, r.point.y = point
+    if keep is not None:
+        rows, cols, bits = pack_keep(keep)
+        r.keep_mask.CopyFrom(pb.KeepMask(rows=rows, cols=cols, bits=bits))
+    return GroundResult.from_pb(r)
+
+
+def test_annotate_draws_the_servers_mask_at_the_model_size(screenshot):
+    keep = np.indices((22, 31)).sum(axis=0) % 3 != 0  # a pattern no selector gives: drawn as received
+    image = np.asarray(annotate_frame(screenshot, result_with(keep, (500.0, 350.0), sequence=7)))
+    assert image.shape == (704, 992, 3)
+    check_annotation(image, resize_to(screenshot, 704, 992), keep, "frame 7", (500 * 992 / 1000, 350 * 704 / 700))
+
+
+def test_annotate_without_a_mask_dims_nothing(screenshot):
+    image = np.asarray(annotate_frame(screenshot, result_with(None, None, sequence=3)))
+    check_annotation(image, resize_to(screenshot, 704, 992), np.ones((22, 31), dtype=bool),
+                     "frame 3: no keep mask from the server", None, show_ratio=False)

@@ -1,7 +1,9 @@
-"""GroundingClient: image encoding, and calls against real servers with the tiny checkpoint."""
+"""GroundingClient: calls against real servers with the tiny checkpoint (retries, sessions,
+streams, deadlines, TLS) and the keep mask each answer carries."""
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import re
@@ -13,26 +15,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agent_client.client import (MESSAGE_OVERHEAD_BYTES, AuthenticationError, GroundingClient, GroundingError,
-                                 GroundResult, InvalidRequest, ServerUnavailable, encode_image, encode_pixels,
-                                 pruning_settings)
+from agent_client import GroundingClient, GroundingError, GroundResult
+from agent_client.client import AuthenticationError, InvalidRequest, ServerUnavailable
 from agent_testlib import TOKEN, server_config
 from net_testlib import free_port
-from pixelprune_api.grounding.v1 import grounding_pb2 as pb
-from service.images import decode_encoded
+from pixelprune.geometry import resize_to, smart_resize
+from pixelprune.selectors import select_blocks
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def decoded(image: pb.Image) -> np.ndarray:
-    if image.WhichOneof("source") == "raw":
-        return np.frombuffer(image.raw.rgb, np.uint8).reshape(image.raw.height, image.raw.width, 3)
-    with Image.open(io.BytesIO(image.encoded)) as im:
-        return np.asarray(im.convert("RGB"))
 
 
 def comparable(result: GroundResult) -> dict:
@@ -44,87 +38,7 @@ def comparable(result: GroundResult) -> dict:
     return d
 
 
-# --- encoding (no server) --------------------------------------------------------------
-
-
-def test_encoded_files_go_as_they_are(tmp_path, screenshot):
-    data = png_bytes(screenshot)
-    path = tmp_path / "shot.png"
-    path.write_bytes(data)
-    assert encode_image(path).encoded == data
-    assert encode_image(str(path)).encoded == data
-    assert encode_image(data).encoded == data
-    jpeg = io.BytesIO()
-    Image.fromarray(screenshot).save(jpeg, format="JPEG")
-    assert encode_image(jpeg.getvalue()).encoded == jpeg.getvalue()
-
-
-def test_pixels_are_png_encoded_losslessly(tmp_path, screenshot):
-    image = encode_image(screenshot)
-    assert image.encoded.startswith(b"\x89PNG") and len(image.encoded) < screenshot.nbytes / 4
-    assert np.array_equal(decoded(image), screenshot)
-    assert np.array_equal(decoded(encode_image(Image.fromarray(screenshot))), screenshot)
-    bmp = tmp_path / "shot.bmp"  # not a format the server takes: decoded here and re-encoded
-    Image.fromarray(screenshot).save(bmp)
-    assert np.array_equal(decoded(encode_image(bmp)), screenshot)
-    # Transparency: the client converts as the server does with the same image sent as a PNG
-    # file (alpha composited on white), so the model sees the same pixels either way.
-    rgba = Image.fromarray(np.dstack([screenshot, np.full(screenshot.shape[:2], 7, np.uint8)]), "RGBA")
-    as_file = io.BytesIO()
-    rgba.save(as_file, format="PNG")
-    server_side = decode_encoded(as_file.getvalue(), max_pixels=10**8)
-    assert np.array_equal(decoded(encode_image(rgba)), server_side)
-    assert server_side.min() >= 240  # 7/255 opaque: nearly the white background
-
-
-def test_noise_goes_raw_because_png_would_be_larger():
-    noise = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
-    image = encode_pixels(noise)
-    assert image.WhichOneof("source") == "raw"
-    assert (image.raw.width, image.raw.height) == (96, 64)
-    assert np.array_equal(decoded(image), noise)
-    view = noise[:, ::2]  # non-contiguous input
-    assert np.array_equal(decoded(encode_pixels(view)), view)
-
-
-def test_raw_on_request_and_the_message_limit(screenshot):
-    assert encode_pixels(screenshot, frame_encoding="raw").WhichOneof("source") == "raw"
-    png_size = len(encode_pixels(screenshot).encoded)
-    # raw does not fit, PNG does: PNG even when raw was asked for
-    limit = MESSAGE_OVERHEAD_BYTES + png_size + 10
-    assert encode_pixels(screenshot, limit, frame_encoding="raw").WhichOneof("source") == "encoded"
-    with pytest.raises(ValueError, match="over the message limit"):
-        encode_pixels(screenshot, MESSAGE_OVERHEAD_BYTES + png_size - 1)
-    with pytest.raises(ValueError, match="over the message limit"):
-        encode_image(png_bytes(screenshot), MESSAGE_OVERHEAD_BYTES + 100)
-
-
-@pytest.mark.parametrize("bad", [np.zeros((4, 4), np.uint8), np.zeros((4, 4, 3), np.float32),
-                                 np.zeros((0, 4, 3), np.uint8), np.zeros((4, 4, 4), np.uint8), 42])
-def test_bad_images_are_value_errors(bad):
-    with pytest.raises(ValueError):
-        encode_image(bad)
-
-
-def test_bytes_that_are_not_an_image(tmp_path):
-    with pytest.raises(ValueError, match="not PNG, JPEG or WebP"):
-        encode_image(b"GIF89a....")
-    path = tmp_path / "notes.txt"
-    path.write_text("hello")
-    with pytest.raises(ValueError, match="not an image file"):
-        encode_image(path)
-    with pytest.raises(FileNotFoundError):
-        encode_image(tmp_path / "missing.png")
-
-
-def test_pruning_settings():
-    s = pruning_settings("serpentine", "mae", 0.25, prune=True)
-    assert (s.method, s.metric, s.tau, s.disabled) == (pb.PruningSettings.METHOD_SERPENTINE,
-                                                       pb.PruningSettings.METRIC_MAE, 0.25, False)
-    assert not pruning_settings().HasField("tau") and pruning_settings(prune=False).disabled
-    for kwargs in ({"method": "zigzag"}, {"metric": "l2"}, {"tau": -0.1}, {"tau": float("nan")}, {"tau": 2.0}):
-        with pytest.raises(ValueError):
-            pruning_settings(**kwargs)
+# --- arguments (no server) -----------------------------------------------------------
 
 
 def test_client_arguments():
@@ -142,9 +56,6 @@ def test_client_arguments():
 
 
 def test_every_input_type_gives_the_same_answer(pointing_server, screenshot, tmp_path):
-    from pixelprune.geometry import resize_to, smart_resize
-    from pixelprune.selectors import select_blocks
-
     path = tmp_path / "shot.png"
     path.write_bytes(png_bytes(screenshot))
     with GroundingClient(f"127.0.0.1:{pointing_server.port}", token=TOKEN) as client:
@@ -158,6 +69,10 @@ def test_every_input_type_gives_the_same_answer(pointing_server, screenshot, tmp
     assert r.image_size == (1000, 700) and r.model_size == (w, h) == (992, 704)
     assert (r.kept_blocks, r.total_blocks) == (int(keep.sum()), keep.size)
     assert r.retain_ratio == pytest.approx(keep.mean())
+    # the blocks the server kept, for every input type (the JSON form is in `comparable`)
+    assert r.keep.shape == (22, 31) and np.array_equal(r.keep, keep)
+    assert r.to_json_dict()["keep_mask"] == {"rows": 22, "cols": 31,
+                                             "bits": base64.b64encode(np.packbits(keep).tobytes()).decode()}
     # the answer "(642, 318)" is relative to the image: in the screenshot's own pixels
     assert r.raw_answer == "(642, 318)"
     assert r.point == pytest.approx((642.0, 222.6)) and r.point_normalized == pytest.approx((0.642, 0.318))
@@ -175,6 +90,7 @@ def test_session_reuse_and_change(grounding_server, screenshot):
     assert first.point is None  # the plain tiny checkpoint answers blanks
     assert not first.cache_hit and first.changed_fraction == 1.0
     assert again.cache_hit and again.changed_fraction == 0.0 and again.raw_answer == first.raw_answer
+    assert first.keep is not None and np.array_equal(again.keep, first.keep)  # the reused answer's mask
     assert not third.cache_hit and 0.0 < third.changed_fraction < 0.05
 
 
@@ -256,6 +172,10 @@ def test_stream_counts_and_session(pointing_server, screenshot):
     sequences = [r.sequence for r in results]
     assert sequences == sorted(sequences) and sequences[-1] == len(frames) and sequences[0] >= 1
     assert all(r.point == pytest.approx((642.0, 222.6)) for r in results)
+    for r in results:  # the server's keep of the answered frame, sent as the frames list says
+        frame = frames[r.sequence - 1]
+        pixels = frame[0] if isinstance(frame, tuple) else frame
+        assert np.array_equal(r.keep, select_blocks(resize_to(pixels, 704, 992)))
 
 
 def test_stream_first_frame_may_carry_its_own_instruction(grounding_server, screenshot):
