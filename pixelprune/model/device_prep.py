@@ -1,7 +1,7 @@
 """Preprocessing on the device: resize, select and patchify with torch, on any device.
 
 The same results as the numpy/numba core, bit for bit (the tests compare them on
-CPU tensors; the code has no device-specific branch):
+CPU tensors; the arithmetic has no device-specific branch):
 
 - `resize_torch` = `pixelprune.geometry.resize_to` = Pillow's BICUBIC resize
   (`Image.resize`, reducing_gap=None). Pillow resamples with fixed-point integers:
@@ -18,7 +18,8 @@ CPU tensors; the code has no device-specific branch):
 - `prepare_on_device`: upload the decoded screenshot once, resize, select, gather.
   tau = 0 selects on the device (`select_blocks_torch`, vectorised). tau > 0
   downloads the resized image and runs the CPU numba scan: on an H200 the torch
-  scan took 14-78 us/block against ~1.1 us/block for numba (GPU.md).
+  scan took 14-78 us/block against ~1.1 us/block for numba. On CUDA all of it
+  runs on a stream of the calling thread's own (`_prep_stream`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from pixelprune.settings import PruneSettings
 
 _PRECISION_BITS = 22  # Pillow Resample.c: 32 - 8 - 2
 _ROUND = 1 << (_PRECISION_BITS - 1)  # added before the shift: round half up
-_TAP_CACHE = 64  # (in size, out size, device) tap tables kept; screenshots repeat a few sizes
+_TAP_CACHE = 64  # (in size, out size) tap tables kept; screenshots repeat a few sizes
 _PILLOW_MAJOR = int(PIL.__version__.split(".")[0])  # the pass order changed in Pillow 13
 
 
