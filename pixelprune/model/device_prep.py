@@ -160,7 +160,7 @@ def kept_pixel_values_torch(pixels: torch.Tensor, keep: torch.Tensor | None = No
 
 @dataclass(frozen=True)
 class DevicePrep:
-    resized: torch.Tensor | np.ndarray  # uint8 (h, w, 3): on the device (tau = 0) or on the host (tau > 0)
+    resized: torch.Tensor | np.ndarray  # uint8 (h, w, 3): on the device, or on the host after a tau > 0 scan
     keep: np.ndarray  # bool (h/32, w/32) on the host: True = block kept
     pixel_values: torch.Tensor  # (4*kept, 1536) rows of the kept blocks on the device, model dtype
     timings: dict  # seconds: "upload", "resize", "select", "patchify"

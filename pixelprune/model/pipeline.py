@@ -67,7 +67,7 @@ class PreparedImage:
     original_size: tuple[int, int]  # (W, H) of the screenshot as given
     resized_size: tuple[int, int]  # (w, h) after smart_resize; multiples of 32
     resized: np.ndarray | torch.Tensor  # uint8 (h, w, 3) the selector saw: numpy, or a tensor on the
-    #                                     device (device path, tau = 0); read it as numpy via .pixels
+    #                                     device (device path, tau = 0 or no pruning); numpy via .pixels
     keep: np.ndarray  # bool (h/32, w/32): True = block kept (one visual token)
     kept_blocks: int  # number of True in keep
     total_blocks: int  # (h/32) * (w/32)
@@ -83,7 +83,7 @@ class PreparedImage:
     @cached_property
     def pixels(self) -> np.ndarray:
         """uint8 (h, w, 3) numpy: the resized image. Free on the CPU path; on the device path
-        (tau = 0) downloaded on first access (h*w*3 bytes: 25 MB for a 4K screenshot)."""
+        (tau = 0 or no pruning) downloaded on first access (h*w*3 bytes: 25 MB at 4K)."""
         if isinstance(self.resized, torch.Tensor):
             return self.resized.cpu().numpy()
         return self.resized
