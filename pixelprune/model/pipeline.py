@@ -11,6 +11,7 @@ and builds the text side with the processor's own tokenizer and chat template:
 each image's `<|image_pad|>` is expanded to t*h*w/4 tokens of the full grid, because
 the adapter (`PrunedQwen3VL`) needs the full sequence to compute MRoPE positions.
 With nothing pruned, the result equals the processor's output exactly (tested).
+On CUDA, resize, selection and patchify run on the device (`device_prep`), same bits.
 
 Resize limits, patch size, mean and std are read from the processor's image
 processor config, never guessed. One prompt (batch 1), any number of images.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -30,6 +32,7 @@ from pixelprune.geometry import (
     BLOCK_SIZE, MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE, image_grid_thw,
     kept_pixel_values, resize_to, smart_resize, to_rgb_array,
 )
+from pixelprune.model.device_prep import prepare_on_device
 from pixelprune.selectors import select_blocks
 from pixelprune.settings import PruneSettings
 
@@ -63,18 +66,27 @@ def vision_spec(processor) -> VisionSpec:
 class PreparedImage:
     original_size: tuple[int, int]  # (W, H) of the screenshot as given
     resized_size: tuple[int, int]  # (w, h) after smart_resize; multiples of 32
-    pixels: np.ndarray  # uint8 (h, w, 3): the resized image the selector saw
+    resized: np.ndarray | torch.Tensor  # uint8 (h, w, 3) the selector saw: numpy, or a tensor on the
+    #                                     device (device path, tau = 0 or no pruning); numpy via .pixels
     keep: np.ndarray  # bool (h/32, w/32): True = block kept (one visual token)
     kept_blocks: int  # number of True in keep
     total_blocks: int  # (h/32) * (w/32)
     pixel_values: torch.Tensor  # (4*kept_blocks, 1536): processor rows of the kept blocks only
     image_grid_thw: tuple[int, int, int]  # (1, h/16, w/16): the FULL patch grid
-    timings: dict  # seconds: "resize", "select", "patchify"
+    timings: dict  # seconds: "resize", "select", "patchify"; the device path adds "upload"
 
     @property
     def retain_ratio(self) -> float:
         """Kept fraction of the visual tokens."""
         return self.kept_blocks / self.total_blocks
+
+    @cached_property
+    def pixels(self) -> np.ndarray:
+        """uint8 (h, w, 3) numpy: the resized image. Free on the CPU path; on the device path
+        (tau = 0 or no pruning) downloaded on first access (h*w*3 bytes: 25 MB at 4K)."""
+        if isinstance(self.resized, torch.Tensor):
+            return self.resized.cpu().numpy()
+        return self.resized
 
 
 def _rgb_pixels(image) -> np.ndarray:
@@ -85,13 +97,27 @@ def _rgb_pixels(image) -> np.ndarray:
 
 
 def prepare_image(image, settings: PruneSettings, spec: VisionSpec, device="cpu",
-                  dtype: torch.dtype = torch.float32) -> PreparedImage:
-    """Resize, select and patchify one image; only kept blocks are normalised."""
+                  dtype: torch.dtype = torch.float32, on_device: bool | None = None) -> PreparedImage:
+    """Resize, select and patchify one image; only kept blocks are normalised.
+
+    `on_device`: None (default) runs resize, exact selection and patchify on `device` when it
+    is CUDA (`device_prep.prepare_on_device`: the screenshot is uploaded once) and on the CPU
+    with numpy/numba otherwise; True forces the device path on any device, False the CPU
+    path. Both give the same keep masks and pixel_values, bit for bit."""
     t0 = time.perf_counter()
     original = _rgb_pixels(image)
     height, width = original.shape[:2]
     new_h, new_w = smart_resize(height, width, factor=BLOCK_SIZE,
                                 min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+    device = torch.device(device)
+    if on_device is None:
+        on_device = device.type == "cuda"
+    if on_device:
+        converted = time.perf_counter() - t0  # RGB conversion + smart_resize: counted as "upload"
+        staged = prepare_on_device(original, (new_h, new_w), settings, mean=spec.image_mean,
+                                   std=spec.image_std, device=device, dtype=dtype)
+        timings = {**staged.timings, "upload": staged.timings["upload"] + converted}
+        return _prepared(original, staged.resized, staged.keep, staged.pixel_values, timings)
     pixels = resize_to(original, new_h, new_w)
     t1 = time.perf_counter()
     grid = (new_h // BLOCK_SIZE, new_w // BLOCK_SIZE)
@@ -105,11 +131,17 @@ def prepare_image(image, settings: PruneSettings, spec: VisionSpec, device="cpu"
                              mean=spec.image_mean, std=spec.image_std)
     pixel_values = torch.from_numpy(rows).to(device=device, dtype=dtype)
     t3 = time.perf_counter()
+    return _prepared(original, pixels, keep, pixel_values,
+                     {"resize": t1 - t0, "select": t2 - t1, "patchify": t3 - t2})
+
+
+def _prepared(original: np.ndarray, resized, keep: np.ndarray, pixel_values: torch.Tensor,
+              timings: dict) -> PreparedImage:
+    new_h, new_w = resized.shape[:2]
     return PreparedImage(
-        original_size=(width, height), resized_size=(new_w, new_h), pixels=pixels, keep=keep,
-        kept_blocks=kept, total_blocks=int(keep.size), pixel_values=pixel_values,
-        image_grid_thw=image_grid_thw(new_h, new_w),
-        timings={"resize": t1 - t0, "select": t2 - t1, "patchify": t3 - t2})
+        original_size=(original.shape[1], original.shape[0]), resized_size=(new_w, new_h), resized=resized,
+        keep=keep, kept_blocks=int(np.count_nonzero(keep)), total_blocks=int(keep.size),
+        pixel_values=pixel_values, image_grid_thw=image_grid_thw(new_h, new_w), timings=timings)
 
 
 def image_token_id(processor) -> int:
