@@ -19,9 +19,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "estimate": ("pixelprune.flops", "FLOPs and KV-cache bytes of Qwen3-VL, full vs pruned"),
     "tiny-checkpoint": ("pixelprune.model.tiny", "write a tiny random-weight Qwen3-VL checkpoint for tests"),
     "serve": ("service.cli", "run the gRPC grounding service"),
+    "eval": ("pixelprune.eval.command", "click accuracy per category with and without pruning (ScreenSpot formats)"),
 }
 # The extra a subcommand's imports come from, named when they are missing.
-EXTRAS = {"tiny-checkpoint": "model", "serve": "service"}
+EXTRAS = {"tiny-checkpoint": "model", "serve": "service", "eval": "model"}  # eval --target: "client"
 
 
 class CliError(Exception):
