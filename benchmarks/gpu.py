@@ -211,12 +211,13 @@ def describe(engine, settings: dict, options: tuple) -> dict:
     }
 
 
-def run(args: argparse.Namespace) -> int:
+def load(args: argparse.Namespace, workdir: Path):
+    """(settings, service config, loaded engine, result header): the checkpoint written into
+    `workdir` and loaded through the service's own loader."""
     import torch
 
-    from benchmarks import gpu_report
     from benchmarks.gpu_server import service_config
-    from benchmarks.gpu_setup import SCREENSHOTS, load_screenshot, write_checkpoint
+    from benchmarks.gpu_setup import write_checkpoint
     from pixelprune.model.engine import resolve_device, resolve_dtype
     from service.server import load_engine
 
@@ -228,20 +229,27 @@ def run(args: argparse.Namespace) -> int:
     settings["threads"] = torch.get_num_threads()
     device = resolve_device(settings["device"])
     dtype = settings["dtype"] = str(resolve_dtype(settings["dtype"], device)).removeprefix("torch.")
+    started = time.perf_counter()
+    checkpoint = write_checkpoint(workdir / f"qwen3vl-{settings['size']}-random", settings["size"],
+                                  device=str(device), dtype=dtype)
+    base = {"model": str(checkpoint), "device": str(device), "dtype": dtype, "host": "127.0.0.1", "port": 0,
+            "metrics_port": -1, "max_new_tokens": settings["max_new_tokens"],
+            "queue_size": 2 * max(settings["callers"])}
+    config, applied, missing = service_config(base, engine_options(args))
+    engine = load_engine(config)
+    if not engine.is_random_weights:
+        raise RuntimeError(f"{checkpoint} was not recognised as a random-weight checkpoint")
+    print(f"RANDOM WEIGHTS checkpoint ({settings['size']}) written and loaded in "
+          f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return settings, config, engine, describe(engine, settings, (applied, missing))
+
+
+def run(args: argparse.Namespace) -> int:
+    from benchmarks import gpu_report
+    from benchmarks.gpu_setup import SCREENSHOTS, load_screenshot
+
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        started = time.perf_counter()
-        checkpoint = write_checkpoint(Path(tmp) / f"qwen3vl-{settings['size']}-random", settings["size"],
-                                      device=str(device), dtype=dtype)
-        base = {"model": str(checkpoint), "device": str(device), "dtype": dtype, "host": "127.0.0.1", "port": 0,
-                "metrics_port": -1, "max_new_tokens": settings["max_new_tokens"],
-                "queue_size": 2 * max(settings["callers"])}
-        config, applied, missing = service_config(base, engine_options(args))
-        engine = load_engine(config)
-        if not engine.is_random_weights:
-            raise RuntimeError(f"{checkpoint} was not recognised as a random-weight checkpoint")
-        print(f"RANDOM WEIGHTS checkpoint ({settings['size']}) written and loaded in "
-              f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
-        result = describe(engine, settings, (applied, missing))
+        settings, config, engine, result = load(args, Path(tmp))
         shots = {shot.label: load_screenshot(shot, settings["scale"]) for shot in SCREENSHOTS}
         result["screenshots"] = [{"label": label, "made_from": how} for label, (_, how) in shots.items()]
 
@@ -255,7 +263,6 @@ def run(args: argparse.Namespace) -> int:
         save()
         if not args.skip_server:
             server_part(engine, config, settings, shots, result, save)
-        save()
     text = gpu_report.markdown(result)
     print(text)
     if args.markdown:

@@ -45,7 +45,8 @@ EOF
 
 status=0
 timeout --signal=INT --kill-after=30 "$BENCH_SECONDS" \
-  python3 -m benchmarks.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" "$@" 2>&1 | tee "$OUT/gpu.log" \
+  python3 -m benchmarks.gpu --size 2b --runs 3 --callers 1 8 32 --requests 4 --level-seconds 60 \
+    --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" "$@" 2>&1 | tee "$OUT/gpu.log" \
   || status=$?
 if [ "$status" -ne 0 ] && [ -s "$OUT/gpu.json" ]; then
   echo "gpu_run.sh: the benchmark ended with status $status; the tables of what it measured:" >&2

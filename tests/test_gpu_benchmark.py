@@ -150,3 +150,48 @@ def test_bad_arguments_exit_2_with_one_line(args, message, tmp_path):
     assert done.returncode == 2
     assert message in done.stderr and len(done.stderr.strip().splitlines()[-1]) < 300
     assert "Traceback" not in done.stderr
+
+
+def test_service_config_applies_only_the_options_this_checkout_has():
+    from benchmarks.gpu_server import service_config
+
+    config, applied, missing = service_config(
+        {"model": "m", "port": 0}, {"queue_size": 7, "max_batch_size": 32, "cuda_graphs": False, "prefix_cache_bytes": None})
+    assert (config.model, config.port, config.queue_size) == ("m", 0, 7)
+    assert applied == {"queue_size": 7}
+    assert missing == ["cuda_graphs", "max_batch_size"]  # None = the service's default: not asked for
+    with pytest.raises(ValueError, match="no field"):
+        service_config({"modle": "m"}, {})
+    with pytest.raises(ValueError, match="--queue-size"):
+        service_config({"model": "m"}, {"queue_size": 0})
+
+
+def _result(device: str, size: str, ttft_4k: float, rates: dict) -> dict:
+    row = lambda label, ttft: {"screenshot": label, "pruned": {"ttft_ms": ttft, "decode_ms_per_token": 6.0}}  # noqa: E731
+    return {
+        "model": {"device": device, "size": size, "dtype": "bfloat16", "max_new_tokens": 24},
+        "engine": [row("3840x2160 web page", ttft_4k), row("1920x1080 desktop", 41.0)],
+        "ground": [{"screenshot": "1920x1080 desktop", "full": {"round_trip_ms": 300.0, "server_ttft_ms": 80.0},
+                    "pruned": {"round_trip_ms": 250.0, "server_ttft_ms": 40.0}}],
+        "concurrency": [{"callers": n, "requests_per_s": r, "p50_ms": p} for n, (r, p) in rates.items()],
+    }
+
+
+def test_goals_compare_with_the_issue_targets_and_apply_only_to_their_setting():
+    from benchmarks.gpu_report import goals
+
+    found = {g["goal"]: g for g in goals(_result("cuda:0", "2b", 55.0, {1: (4.0, 250.0), 32: (30.0, 400.0)}))}
+    four_k = found["TTFT pruned, 3840x2160 web page"]
+    assert (four_k["target"], four_k["measured"], four_k["met"], four_k["applies"]) == ("<= 60 ms", 55.0, True, True)
+    assert four_k["before"] == "172 ms"
+    assert found["TTFT pruned, 1920x1080 desktop"]["met"] is False  # 41 > 40
+    assert found["decode per token at batch 1 (worst size, pruned)"]["met"] is True
+    assert found["32 callers, distinct 1080p screenshots: requests/s"]["met"] is True
+    assert found["32 callers: p50 latency / single-caller p50"]["measured"] == 1.6
+    assert found["32 callers: p50 latency / single-caller p50"]["met"] is False
+    ground = found["Ground full - pruned >= TTFT full - pruned, 1920x1080 desktop"]
+    assert (ground["measured"], ground["target"], ground["met"]) == (50.0, ">= 40 ms", True)
+    assert found["CPU: 8 callers' requests/s / one caller's"]["measured"] is None
+    on_cpu = goals(_result("cpu", "tiny", 55.0, {1: (4.0, 250.0), 8: (9.0, 800.0)}))
+    assert [g["applies"] for g in on_cpu] == [False] * (len(on_cpu) - 1) + [True]
+    assert on_cpu[-1]["measured"] == 2.25 and on_cpu[-1]["met"] is True
