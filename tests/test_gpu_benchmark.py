@@ -155,11 +155,12 @@ def test_bad_arguments_exit_2_with_one_line(args, message, tmp_path):
 def test_service_config_applies_only_the_options_this_checkout_has():
     from benchmarks.gpu_server import service_config
 
-    config, applied, missing = service_config(
-        {"model": "m", "port": 0}, {"queue_size": 7, "max_batch_size": 32, "cuda_graphs": False, "prefix_cache_bytes": None})
+    # queue_size stands for an option this checkout has; the made-up names for ones it lacks.
+    options = {"queue_size": 7, "zz_batch_option": 32, "yy_graph_option": False, "xx_cache_option": None}
+    config, applied, missing = service_config({"model": "m", "port": 0}, options)
     assert (config.model, config.port, config.queue_size) == ("m", 0, 7)
     assert applied == {"queue_size": 7}
-    assert missing == ["cuda_graphs", "max_batch_size"]  # None = the service's default: not asked for
+    assert missing == ["yy_graph_option", "zz_batch_option"]  # None = the service's default: not asked for
     with pytest.raises(ValueError, match="no field"):
         service_config({"modle": "m"}, {})
     with pytest.raises(ValueError, match="--queue-size"):
@@ -167,7 +168,9 @@ def test_service_config_applies_only_the_options_this_checkout_has():
 
 
 def _result(device: str, size: str, ttft_4k: float, rates: dict) -> dict:
-    row = lambda label, ttft: {"screenshot": label, "pruned": {"ttft_ms": ttft, "decode_ms_per_token": 6.0}}  # noqa: E731
+    def row(label: str, ttft: float) -> dict:
+        return {"screenshot": label, "pruned": {"ttft_ms": ttft, "decode_ms_per_token": 6.0}}
+
     return {
         "model": {"device": device, "size": size, "dtype": "bfloat16", "max_new_tokens": 24},
         "engine": [row("3840x2160 web page", ttft_4k), row("1920x1080 desktop", 41.0)],
