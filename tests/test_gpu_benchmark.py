@@ -1,0 +1,200 @@
+"""`python -m benchmarks.gpu --small`: the reduced CPU run of the GPU benchmark, in a subprocess.
+
+Checks the JSON's structure and sanity, not speed (timing goals belong to the benchmark):
+positive times, kept <= total with the exact block counts the core computes for the same
+screenshots, KV bytes that differ by exactly the pruned tokens' share, every request answered,
+RANDOM WEIGHTS everywhere. Bad arguments end with one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.gpu_setup import SCREENSHOTS, distinct, fit, load_screenshot  # noqa: E402
+from pixelprune.geometry import BLOCK_SIZE, resize_to, smart_resize  # noqa: E402
+from pixelprune.model.tiny import PREPROCESSOR_CONFIG, TINY_CONFIG  # noqa: E402
+from pixelprune.selectors import select_blocks  # noqa: E402
+
+SCALE = 0.25  # --small's screenshot scale
+STAGES = ("resize_ms", "patchify_ms", "vit_ms", "prefill_ms", "ttft_ms", "end_to_end_ms", "decode_tokens_ms")
+
+
+def benchmark(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "benchmarks.gpu", *args], cwd=ROOT, env=env, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("gpu-bench")
+    done = benchmark("--small", "--json", str(out / "gpu.json"), "--markdown", str(out / "gpu.md"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "gpu.json").read_text()), (out / "gpu.md").read_text()
+
+
+def expected_blocks(pixels: np.ndarray) -> tuple[int, int]:
+    """(kept, total) blocks of the default pruning, computed with the core alone."""
+    size = PREPROCESSOR_CONFIG["size"]
+    h, w = smart_resize(*pixels.shape[:2], factor=BLOCK_SIZE, min_pixels=size["shortest_edge"],
+                        max_pixels=size["longest_edge"])
+    keep = select_blocks(resize_to(pixels, h, w))
+    return int(keep.sum()), keep.size
+
+
+def test_engine_rows_have_positive_times_and_the_cores_block_counts(small_run):
+    result, _ = small_run
+    assert [row["screenshot"] for row in result["engine"]] == [shot.label for shot in SCREENSHOTS]
+    for shot, row in zip(SCREENSHOTS, result["engine"]):
+        pixels, _ = load_screenshot(shot, SCALE)
+        kept, total = expected_blocks(pixels)
+        full, pruned = row["full"], row["pruned"]
+        assert (pruned["kept_blocks"], pruned["total_blocks"]) == (kept, total), shot.label
+        assert full["kept_blocks"] == full["total_blocks"] == total
+        assert kept < total, f"{shot.label}: a screenshot with nothing to prune"
+        for variant in (full, pruned):
+            assert all(variant[stage] > 0 for stage in STAGES), variant
+            assert variant["select_ms"] >= 0
+            assert variant["end_to_end_ms"] >= variant["ttft_ms"]
+            assert 1 <= variant["generated_tokens"] <= 8
+            assert variant["decode_ms_per_token"] is None or variant["decode_ms_per_token"] > 0
+
+
+def test_kv_bytes_differ_by_exactly_the_pruned_tokens(small_run):
+    result, _ = small_run
+    text = TINY_CONFIG["text_config"]
+    per_token = 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * text["head_dim"] * 4  # fp32
+    for row in result["engine"]:
+        full, pruned = row["full"], row["pruned"]
+        pruned_tokens = full["kept_blocks"] - pruned["kept_blocks"]
+        assert full["kv_cache_bytes"] - pruned["kv_cache_bytes"] == per_token * pruned_tokens
+        assert pruned["kv_cache_bytes"] > per_token * pruned["kept_blocks"]  # the text tokens too
+
+
+def test_ground_through_the_server_full_and_pruned(small_run):
+    result, _ = small_run
+    assert [row["screenshot"] for row in result["ground"]] == [shot.label for shot in SCREENSHOTS]
+    for row in result["ground"]:
+        for name, variant in (("full", row["full"]), ("pruned", row["pruned"])):
+            assert variant["random_weights"] is True
+            assert variant["runs"] == 2
+            assert variant["round_trip_ms"] >= variant["server_total_ms"] > 0
+            assert variant["server_ttft_ms"] > 0
+            assert 0 < variant["kept_blocks"] <= variant["total_blocks"]
+        assert row["full"]["kept_blocks"] == row["full"]["total_blocks"] == row["pruned"]["total_blocks"]
+
+
+def test_every_concurrent_request_is_answered(small_run):
+    result, _ = small_run
+    assert [level["callers"] for level in result["concurrency"]] == [1, 8]
+    for level in result["concurrency"]:
+        assert level["sent"] == level["answered"] == level["callers"] * 4
+        assert level["errors"] == {}
+        assert level["requests_per_s"] > 0 and 0 < level["p50_ms"] <= level["p90_ms"]
+        assert level["random_weights"] is True
+
+
+def test_random_weights_are_declared_and_gpu_goals_do_not_apply_on_cpu(small_run):
+    result, markdown = small_run
+    assert result["random_weights"] is True and result["model"]["engine_says_random"] is True
+    assert "RANDOM WEIGHTS" in result["model"]["label"]
+    assert result["model"]["device"] == "cpu" and result["settings"]["small"] is True
+    assert markdown.count("RANDOM WEIGHTS") >= 5  # the title, the model line and every table
+    goals = {g["goal"]: g for g in result["goals"]}
+    assert goals["TTFT pruned, 3840x2160 web page"]["applies"] is False
+    assert goals["32 callers, distinct 1080p screenshots: requests/s"]["measured"] is None
+    assert goals["CPU: 8 callers' requests/s / one caller's"]["applies"] is True
+    assert len([name for name in goals if name.startswith("Ground full - pruned")]) == len(SCREENSHOTS)
+
+
+def test_screenshots_are_made_to_the_issue_sizes():
+    for shot in SCREENSHOTS:
+        pixels, how = load_screenshot(shot)
+        assert pixels.shape == (shot.size[1], shot.size[0], 3) and pixels.dtype == np.uint8, shot.label
+        assert shot.source in how
+    tile = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    grown, how = fit(tile, (7, 5))  # 2x nearest to 6x4, then one column and one row of edge
+    assert how == "nearest 2x upscale, edge-padded by 1 px right, 1 px bottom"
+    assert (grown[:4, :6] == tile.repeat(2, 0).repeat(2, 1)).all()
+    assert (grown[4] == grown[3]).all() and (grown[:, 6] == grown[:, 5]).all()
+
+
+def test_distinct_frames_differ_only_in_the_top_row():
+    pixels = np.full((64, 64, 3), 77, np.uint8)
+    a, b = distinct(pixels, 1), distinct(pixels, 2)
+    assert not (a == b).all() and (a[1:] == pixels[1:]).all() and (a[0, 24:] == pixels[0, 24:]).all()
+    assert a[0, 0].tolist() == [255, 255, 255] and a[0, 1].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--runs", "0"], "must be > 0"),
+    (["--json", "/nonexistent-dir/gpu.json"], "no such directory"),
+    (["--device", "cuda:0"], "CUDA is not available"),
+])
+def test_bad_arguments_exit_2_with_one_line(args, message, tmp_path):
+    import torch
+
+    if args[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    done = benchmark(*args, "--workdir", str(tmp_path))
+    assert done.returncode == 2
+    assert message in done.stderr and len(done.stderr.strip().splitlines()[-1]) < 300
+    assert "Traceback" not in done.stderr
+
+
+def test_service_config_applies_only_the_options_this_checkout_has():
+    from benchmarks.gpu_server import service_config
+
+    # queue_size stands for an option this checkout has; the made-up names for ones it lacks.
+    options = {"queue_size": 7, "zz_batch_option": 32, "yy_graph_option": False, "xx_cache_option": None}
+    config, applied, missing = service_config({"model": "m", "port": 0}, options)
+    assert (config.model, config.port, config.queue_size) == ("m", 0, 7)
+    assert applied == {"queue_size": 7}
+    assert missing == ["yy_graph_option", "zz_batch_option"]  # None = the service's default: not asked for
+    with pytest.raises(ValueError, match="no field"):
+        service_config({"modle": "m"}, {})
+    with pytest.raises(ValueError, match="--queue-size"):
+        service_config({"model": "m"}, {"queue_size": 0})
+
+
+def _result(device: str, size: str, ttft_4k: float, rates: dict) -> dict:
+    def row(label: str, ttft: float) -> dict:
+        return {"screenshot": label, "pruned": {"ttft_ms": ttft, "decode_ms_per_token": 6.0}}
+
+    return {
+        "model": {"device": device, "size": size, "dtype": "bfloat16", "max_new_tokens": 24},
+        "engine": [row("3840x2160 web page", ttft_4k), row("1920x1080 desktop", 41.0)],
+        "ground": [{"screenshot": "1920x1080 desktop", "full": {"round_trip_ms": 300.0, "server_ttft_ms": 80.0},
+                    "pruned": {"round_trip_ms": 250.0, "server_ttft_ms": 40.0}}],
+        "concurrency": [{"callers": n, "requests_per_s": r, "p50_ms": p} for n, (r, p) in rates.items()],
+    }
+
+
+def test_goals_compare_with_the_issue_targets_and_apply_only_to_their_setting():
+    from benchmarks.gpu_report import goals
+
+    found = {g["goal"]: g for g in goals(_result("cuda:0", "2b", 55.0, {1: (4.0, 250.0), 32: (30.0, 400.0)}))}
+    four_k = found["TTFT pruned, 3840x2160 web page"]
+    assert (four_k["target"], four_k["measured"], four_k["met"], four_k["applies"]) == ("<= 60 ms", 55.0, True, True)
+    assert four_k["before"] == "172 ms"
+    assert found["TTFT pruned, 1920x1080 desktop"]["met"] is False  # 41 > 40
+    assert found["decode per token at batch 1 (worst size, pruned)"]["met"] is True
+    assert found["32 callers, distinct 1080p screenshots: requests/s"]["met"] is True
+    assert found["32 callers: p50 latency / single-caller p50"]["measured"] == 1.6
+    assert found["32 callers: p50 latency / single-caller p50"]["met"] is False
+    ground = found["Ground full - pruned >= TTFT full - pruned, 1920x1080 desktop"]
+    assert (ground["measured"], ground["target"], ground["met"]) == (50.0, ">= 40 ms", True)
+    assert found["CPU: 8 callers' requests/s / one caller's"]["measured"] is None
+    on_cpu = goals(_result("cpu", "tiny", 55.0, {1: (4.0, 250.0), 8: (9.0, 800.0)}))
+    assert [g["applies"] for g in on_cpu] == [False] * (len(on_cpu) - 1) + [True]
+    assert on_cpu[-1]["measured"] == 2.25 and on_cpu[-1]["met"] is True
