@@ -61,17 +61,17 @@ class BatchScheduler:
     def idle(self) -> bool:
         return not self.running and not self._ended
 
-    def capacity(self) -> int:
-        return min(self.settings.max_batch_tokens, LENGTH_BUCKETS[-1] * self.settings.max_batch_size)
-
     def check_size(self, need: int) -> None:
-        """ValueError when one sequence of `need` positions could never run under the limits."""
-        if need + 1 > min(self.settings.max_batch_tokens, LENGTH_BUCKETS[-1]):
+        """ValueError when one sequence of `need` positions could never run under the limits (its slot, the
+        length bucket above need, exceeds max_batch_tokens)."""
+        slot = next((b for b in LENGTH_BUCKETS if b > need), None)
+        if slot is None or slot > self.settings.max_batch_tokens:
             raise ValueError(f"the prompt and answer need {need} tokens of KV cache, more than this server's "
-                             f"limit ({self.settings.max_batch_tokens}, --max-batch-tokens); send a smaller "
+                             f"limit allows ({self.settings.max_batch_tokens}, --max-batch-tokens); send a smaller "
                              "screenshot or enable pruning")
 
     # ------------------------------------------------------------------ admission
+    @torch.inference_mode()
     def admit(self, requests: list[GroundRequest]) -> list[Sequence]:
         """Take requests in order while they fit; prefill them. Returns one Sequence per request taken
         (requests[len(result):] did not fit now). A Sequence that failed is reported by the next step."""
@@ -185,6 +185,7 @@ class BatchScheduler:
                 self._end(seq)
 
     # ------------------------------------------------------------------ decoding
+    @torch.inference_mode()
     def step(self) -> StepReport:
         """Decode one token for every running sequence; report the sequences that ended since the last step."""
         start = time.perf_counter()
@@ -215,10 +216,10 @@ class BatchScheduler:
                    [s.length for s in self.running] + [last] * pad,
                    [s.mrope for s in self.running] + [0] * pad]
         inputs = torch.tensor(columns, dtype=torch.long, device=self.engine.device)
-        with torch.inference_mode():
-            out = self.graphs(inputs) if self.graphs is not None else self._step_fn(inputs)
+        out = self.graphs(inputs) if self.graphs is not None else self._step_fn(inputs)
         return out[:n].tolist()
 
+    @torch.inference_mode()
     def capture_graphs(self, max_slot_len: int = 8192) -> int:
         """With CUDA graphs on and the batch idle: capture the decode step for every rows bucket and slot
         length (up to max_slot_len) the limits allow, so serving does not pay for captures. Returns the
@@ -236,6 +237,7 @@ class BatchScheduler:
                 self.graphs(inputs)
         return len(self.graphs)
 
+    @torch.inference_mode()
     def cancel(self, seq: Sequence) -> None:
         """Remove a sequence (deadline passed, caller gone); it gets no output."""
         if seq in self._ended:

@@ -205,13 +205,11 @@ class GroundingEngine:
     # ------------------------------------------------------------------ the batch
     def admit(self, requests: list[GroundRequest]) -> list[Sequence]:
         """Prefill as many of `requests` (in order) as fit into the batch; see BatchScheduler.admit."""
-        with torch.inference_mode():
-            return self.scheduler.admit(requests)
+        return self.scheduler.admit(requests)
 
     def step(self) -> StepReport:
         """One decode step of the batch; reports the sequences that ended."""
-        with torch.inference_mode():
-            return self.scheduler.step()
+        return self.scheduler.step()
 
     def cancel(self, seq: Sequence) -> None:
         self.scheduler.cancel(seq)
@@ -258,6 +256,5 @@ class GroundingEngine:
             for metric in METRICS:
                 select_blocks(np.ascontiguousarray(image[:64, :64]), method=method, metric=metric, tau=0.02)
         output = self.ground(self.prepare(image, PruneSettings()), "the centre of the image", max_new_tokens=2)
-        with torch.inference_mode():
-            self.scheduler.capture_graphs()
+        self.scheduler.capture_graphs()
         return output

@@ -140,11 +140,15 @@ def plan(engine, scheduler, seq: Sequence) -> None:
     seq.prompt_tokens = len(seq.ids) - 1 + prepared.kept_blocks
     seq.need = seq.prompt_tokens + seq.budget
     scheduler.check_size(seq.need)
-    if request.vision is not None:
-        if (tuple(request.vision.image_grid_thw) != (tuple(prepared.image_grid_thw),)
-                or not same_masks(list(request.vision.keep), [prepared.keep])):
-            raise ValueError("vision features were computed for other pixels or another keep mask")
+    if request.vision is not None and not vision_matches(request.vision, prepared):
+        raise ValueError("vision features were computed for other pixels or another keep mask")
     lookup_prefix(engine, scheduler, seq)
+
+
+def vision_matches(vision: VisionFeatures, prepared) -> bool:
+    """The features are of one image with this grid and keep mask."""
+    return (tuple(vision.image_grid_thw) == (tuple(prepared.image_grid_thw),)
+            and same_masks(list(vision.keep), [prepared.keep]))
 
 
 def lookup_prefix(engine, scheduler, seq: Sequence) -> None:
@@ -171,7 +175,7 @@ def vision_for_cold(engine, scheduler, seqs: list[Sequence]) -> list[tuple[Seque
             continue
         key = seq.request.cache_key
         cached = scheduler.visions.get(key) if key is not None and scheduler.visions.capacity else None
-        if cached is not None:
+        if cached is not None and vision_matches(cached, seq.request.prepared):
             seq.vision, seq.vision_reused = cached, True
         elif key is not None and key in owners:
             shared.append((seq, owners[key]))
@@ -183,10 +187,13 @@ def vision_for_cold(engine, scheduler, seqs: list[Sequence]) -> list[tuple[Seque
     for seq in run:
         if seq.vision is not None and seq.request.cache_key is not None and scheduler.visions.capacity:
             scheduler.visions.put(seq.request.cache_key, seq.vision)
+    alone = []
     for seq, owner in shared:
-        seq.vision, seq.vision_reused = owner.vision, True
-    failed = {id(s): e for s, e in failures}
-    return failures + [(s, failed[id(o)]) for s, o in shared if id(o) in failed]
+        if owner.vision is not None and vision_matches(owner.vision, seq.request.prepared):
+            seq.vision, seq.vision_reused = owner.vision, True
+        else:  # the owner failed, or (a caller's bug) one key named two images
+            alone.append(seq)
+    return failures + encode_batch(engine, alone)
 
 
 def encode_batch(engine, seqs: list[Sequence]) -> list[tuple[Sequence, BaseException]]:
