@@ -41,6 +41,7 @@ class StepReport:
     finished: list  # Sequences that ended (output or error set), in the order they ended
     batch_size: int  # sequences decoded in this step (0: nothing was running)
     seconds: float  # wall time of the step
+    kv_bytes: int = 0  # key/value bytes the running sequences hold after the step
 
 
 class BatchScheduler:
@@ -204,7 +205,8 @@ class BatchScheduler:
                 if seq.finished(self.engine, self.settings.stop_after_point):
                     self._end(seq)
         ended, self._ended = self._ended, []
-        return StepReport(finished=ended, batch_size=n, seconds=time.perf_counter() - start)
+        held = sum(s.length for s in self.running) * self.engine.kv_bytes_per_token
+        return StepReport(finished=ended, batch_size=n, seconds=time.perf_counter() - start, kv_bytes=held)
 
     def _decode(self, n: int) -> list[int]:
         rows = n

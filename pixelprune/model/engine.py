@@ -133,6 +133,7 @@ class GroundingEngine:
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos)
         self._prompt_cache: dict[str, np.ndarray] = {}  # prompt text -> chat token ids, LRU order
         self._prompt_lock = threading.Lock()  # RPC threads size requests while the worker admits them
+        self.batch_settings = batch
         self.scheduler = BatchScheduler(self, batch)
 
     @classmethod

@@ -4,10 +4,11 @@ and the limits of the batch (`BatchSettings`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable
+from typing import TYPE_CHECKING, Hashable
 
-from pixelprune.model.adapter import VisionFeatures
-from pixelprune.model.pipeline import PreparedImage
+if TYPE_CHECKING:  # annotations only: this module loads without torch (the service imports it)
+    from pixelprune.model.adapter import VisionFeatures
+    from pixelprune.model.pipeline import PreparedImage
 
 GIB = 1024 ** 3
 
