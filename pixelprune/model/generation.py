@@ -5,7 +5,7 @@ tokens (a whole prompt, the rest of a prompt after a cached prefix, or one gener
 token) that continues the sequence already in its cache slot. Rows are right-padded to
 the longest chunk; the 4-D boolean mask (rows, 1, q, kv) lets query token t of row i see
 exactly the cache positions 0..write[i, t] of its own slot, so padding and stale slot
-contents are never read. Pad tokens write at positions past the row's valid end (clamped
+contents are never read (a single row from position 0 needs no mask: plain causal). Pad tokens write at positions past the row's valid end (clamped
 to the slot's last position, which no sequence ever uses: every sequence needs at least one
 position fewer than its slot holds), where later writes overwrite them.
 
@@ -121,6 +121,8 @@ def extend(model, cache: SlotKVCache, first_row: int, chunks: list[Chunk]) -> to
         raise ValueError(f"a chunk ends at {kv_len}, beyond the slot's usable {last} positions")
     embeds, visual, deepstack = _embed(model, chunks, width)
     mask = torch.arange(kv_len, device=device)[None, None, None, :] <= write[:, None, :, None]
+    if len(chunks) == 1 and chunks[0].start == 0:
+        mask = None  # one whole prompt: plain causal attention (sdpa's is_causal kernels), same result
     cache.begin(slice(first_row, first_row + len(chunks)), write, kv_len)
     hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                         cache=cache, use_cache=True, visual_pos_masks=visual,
@@ -188,7 +190,8 @@ class DecodeGraphs:
                     self.step(static_in)
             torch.cuda.current_stream(inputs.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: RPC threads may use the device (preprocessing) while this thread captures
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 static_out = self.step(static_in)
             torch.cuda.synchronize(inputs.device)
         except Exception as exc:  # noqa: BLE001 - any capture failure: run this shape eagerly

@@ -12,7 +12,8 @@ The attention layers of transformers 5.24 call `cache.update(k, v, layer_idx, **
 rows run, where each query token's key and value go (tensor indices: no host sync, so the
 decode step can be captured in a CUDA graph), and how many positions attention reads.
 Masking is the caller's: it passes a 4-D mask, which transformers' `create_causal_mask`
-returns as it is, so nothing here is asked for lengths.
+returns as it is; only a single row starting at position 0 runs without one (plain causal
+attention), and then the mask sizes come from `begin`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class SlotKVCache(Cache):
         self._write: torch.Tensor | None = None  # (rows, q) int64: position of each query token
         self._row_index: torch.Tensor | None = None  # (rows, 1) int64: 0..rows-1
         self._kv_len = 0  # positions the current forward's attention reads
+        self._past = 0  # positions before the current forward's queries
 
     @property
     def num_layers(self) -> int:
@@ -107,6 +109,7 @@ class SlotKVCache(Cache):
                              f"({self.slots} rows of {self.slot_len})")
         self._rows, self._write, self._kv_len = rows, write, kv_len
         self._row_index = torch.arange(write.shape[0], device=write.device)[:, None]
+        self._past = kv_len - write.shape[1]  # positions before the queries (all rows alike when no mask is given)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write (rows, kv_heads, q, head_dim) keys/values at `begin`'s positions; return the rows'
@@ -135,9 +138,16 @@ class SlotKVCache(Cache):
             keys[row, :, :length].copy_(kv[layer, 0])
             values[row, :, :length].copy_(kv[layer, 1])
 
-    # transformers' Cache API pieces that generic code may still ask for
+    # What transformers' `create_causal_mask` asks when it gets no 4-D mask (one row from position 0:
+    # a plain causal mask, which sdpa runs as is_causal)
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._kv_len
+        return self._past
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self._past
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self._past + query_length, 0
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.slot_len

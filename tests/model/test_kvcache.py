@@ -52,7 +52,8 @@ def test_update_writes_at_each_rows_positions_and_returns_the_rows_views():
     keys, values = views[1]
     assert keys.shape == values.shape == (2, HEADS, 6, DIM)
     assert torch.equal(keys[0, :, 4], ref[(1, 1, 4)][0]) and torch.equal(values[1, :, 0], ref[(1, 2, 0)][1])
-    assert cache.get_seq_length() == 6 and cache.get_max_cache_shape() == 256
+    assert cache.get_seq_length() == cache.get_query_offset() == 3 and cache.get_max_cache_shape() == 256
+    assert cache.get_mask_sizes(3) == (6, 0)  # what create_causal_mask asks when no 4-D mask is given
     with pytest.raises(ValueError):
         cache.begin(slice(3, 5), torch.zeros((2, 1), dtype=torch.long), 1)  # only 4 rows of 256
 
