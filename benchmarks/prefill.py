@@ -1,6 +1,6 @@
 """Prefill benchmark: full image vs PixelPrune on a mid-size Qwen3-VL with RANDOM weights, on CPU.
 
-    python -m benchmarks.prefill [--runs 5] [--threads 2] [--images FILE ...]
+    python -m benchmarks.prefill [--runs 5] [--threads 2] [--images FILE ...] [--prefix-only]
 
 The model is built in-process from a config (below) with random weights: the
 times and cache sizes are those of real Qwen3-VL code (transformers'
@@ -187,22 +187,7 @@ def table(results: dict[str, dict], text_tokens: int, reduce=statistics.median) 
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=5, help="runs per screenshot; medians and minima are reported")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--images", nargs="+", default=list(DEFAULT_IMAGES), help="corpus file names or paths")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        processor = load_processor(write_tiny_checkpoint(Path(tmp) / "tiny"))
-    model = build_model()
-    engine = GroundingEngine(model, processor, max_new_tokens=1, is_random_weights=True,
-                             batch=BatchSettings(max_batch_tokens=16384))
-    params = sum(p.numel() for p in model.parameters())
-    print(f"Model: Qwen3-VL layout with RANDOM weights, {params / 1e6:.1f} M parameters, float32, CPU, "
-          f"{args.threads} threads, attn sdpa\n  vision: {VISION}\n  text: {TEXT}\n")
-    engine.warmup()
+def full_vs_pruned(engine, processor, args) -> None:
     results = {}
     for name in args.images:
         path = Path(name) if Path(name).exists() else CORPUS / name
@@ -215,6 +200,28 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results, prompt_len, statistics.median))
     print(f"\nMinima over {args.runs} runs (least disturbed by other processes on the machine):\n")
     print(table(results, prompt_len, min))
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5, help="runs per screenshot; medians and minima are reported")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--images", nargs="+", default=list(DEFAULT_IMAGES), help="corpus file names or paths")
+    parser.add_argument("--prefix-only", action="store_true", help="only the prefix-reuse comparison")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        processor = load_processor(write_tiny_checkpoint(Path(tmp) / "tiny"))
+    model = build_model()
+    engine = GroundingEngine(model, processor, max_new_tokens=1, is_random_weights=True,
+                             batch=BatchSettings(max_batch_tokens=16384))
+    params = sum(p.numel() for p in model.parameters())
+    print(f"Model: Qwen3-VL layout with RANDOM weights, {params / 1e6:.1f} M parameters, float32, CPU, "
+          f"{args.threads} threads, attn sdpa\n  vision: {VISION}\n  text: {TEXT}\n")
+    engine.warmup()
+    if not args.prefix_only:
+        full_vs_pruned(engine, processor, args)
     reuse = {}
     for name in args.images:
         path = Path(name) if Path(name).exists() else CORPUS / name

@@ -82,8 +82,10 @@ class Sequence:
     def store_prefix(self, scheduler) -> None:
         """After a cold prefill with a cache key: keep the prefix's keys and values."""
         key, prompt = self.request.cache_key, self.prompt
-        if key is None or prompt is None or not scheduler.prefixes.capacity or not prompt.prefix_len:
+        if key is None or prompt is None or not prompt.prefix_len:
             return
+        if prompt.prefix_len * scheduler.engine.kv_bytes_per_token > scheduler.prefixes.capacity:
+            return  # would not fit the store even alone
         prepared = self.request.prepared
         pad = int(np.flatnonzero(self.ids == image_token_id(scheduler.engine.processor))[0])
         entry = PrefixEntry(kv=scheduler.cache.read(self.row, prompt.prefix_len), length=prompt.prefix_len,
