@@ -207,14 +207,15 @@ class ModelWorker:
             return False
         return True
 
-    def _began(self, job: _Job, started: float) -> None:
-        job.wait_s, job.started = time.monotonic() - job.enqueued, started
+    def _began(self, job: _Job, started: float, now: float) -> None:
+        """The model started the job at `started` (perf_counter) = `now` (monotonic)."""
+        job.wait_s, job.started = now - job.enqueued, started
         self._on_wait(job.wait_s)
 
     def _run_call(self, job: _Job) -> None:
         if not self._wanted(job):
             return
-        self._began(job, time.perf_counter())
+        self._began(job, time.perf_counter(), time.monotonic())
         try:
             job.future.set_result(JobResult(value=job.work(), queue_wait_s=job.wait_s, started=job.started))
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting RPC thread
@@ -228,7 +229,7 @@ class ModelWorker:
                 batch.append(job)
         if not batch:
             return
-        started = time.perf_counter()
+        started, now = time.perf_counter(), time.monotonic()
         try:
             seqs = self.engine.admit([job.work for job in batch])
         except Exception as exc:  # noqa: BLE001 - a bug in admission: these requests fail, the worker lives
@@ -237,7 +238,7 @@ class ModelWorker:
                 job.future.set_exception(exc)
             return
         for job, seq in zip(batch, seqs):
-            self._began(job, started)
+            self._began(job, started, now)
             self._running[seq] = job
         for job in reversed(batch[len(seqs):]):  # did not fit the batch now: first in line next time
             self._held.appendleft(job)
