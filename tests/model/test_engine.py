@@ -13,7 +13,7 @@ from PIL import Image
 
 from pixelprune.model.engine import (
     PROMPT_CACHE_SIZE, GroundingEngine, GroundingOutput, ModelSpec, PruneSettings, checkpoint_has_random_weights,
-    resolve_attn_implementation, resolve_device, resolve_dtype,
+    attention_config, resolve_attn_implementation, resolve_device, resolve_dtype,
 )
 from pixelprune.geometry import resize_to, smart_resize
 from pixelprune.model.pipeline import tokenize, user_message
@@ -204,3 +204,17 @@ def test_prompt_ids_are_cached_per_text_and_bounded(engine, screenshot):
         engine.prompt_ids(f"item {i}")
     assert len(engine._prompt_cache) == PROMPT_CACHE_SIZE
     assert text not in engine._prompt_cache and f"item {PROMPT_CACHE_SIZE + 2}" in engine._prompt_cache
+
+
+def test_text_attention_must_take_4d_masks(engine):
+    """The batched text model is given 4-D masks: sdpa or eager; the ViT may use flash-attn."""
+    assert attention_config("sdpa") == "sdpa" and attention_config("eager") == "eager"
+    assert attention_config("flash_attention_2") == {"text_config": "sdpa", "vision_config": "flash_attention_2"}
+    text = engine.model.config.text_config
+    saved = text._attn_implementation
+    try:
+        text._attn_implementation = "flash_attention_2"
+        with pytest.raises(ValueError, match="4-D masks"):
+            GroundingEngine(engine.model, engine.processor)
+    finally:
+        text._attn_implementation = saved
