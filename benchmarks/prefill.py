@@ -1,6 +1,6 @@
 """Prefill benchmark: full image vs PixelPrune on a mid-size Qwen3-VL with RANDOM weights, on CPU.
 
-    python -m benchmarks.prefill [--runs 5] [--threads 2] [--images FILE ...]
+    python -m benchmarks.prefill [--runs 5] [--threads 2] [--images FILE ...] [--prefix-only]
 
 The model is built in-process from a config (below) with random weights: the
 times and cache sizes are those of real Qwen3-VL code (transformers'
@@ -14,8 +14,12 @@ Per screenshot of the test corpus (tests/data/corpus), medians over --runs runs 
   * ViT, LLM prefill (first token) and TTFT, keep-all vs pruned, both through
     GroundingEngine (keep-all through the adapter is the stock computation);
   * stock TTFT: processor + stock `model.generate` to the first token, no pixelprune code;
-  * KV-cache bytes read from the cache object generate returns;
-  * the measured pruned/full time ratio next to pixelprune.flops' FLOPs ratio.
+  * KV-cache bytes of the prompt (prompt tokens x bytes per token of the engine's cache);
+  * the measured pruned/full time ratio next to pixelprune.flops' FLOPs ratio;
+  * prefix reuse (issue 13): TTFT of a pruned request on a new frame (ViT + whole prompt)
+    next to a new instruction on the same frame (the cached prompt prefix: only the
+    instruction's tokens are prefilled), both with the frame prepared again as the
+    service does.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers.generation.streamers import BaseStreamer
 
-from pixelprune.model.engine import GroundingEngine, FirstTokenClock
+from pixelprune.model.engine import BatchSettings, GroundingEngine
 from pixelprune.flops import ModelConfig, TextConfig, VisionConfig, estimate
 from pixelprune.model.pipeline import PruneSettings, build_inputs, user_message
 from pixelprune.points import grounding_prompt
@@ -56,6 +61,23 @@ def build_model(seed: int = 0) -> Qwen3VLForConditionalGeneration:
     config["text_config"].update(json.loads(json.dumps(TEXT)))  # copies: the config class edits nested dicts
     torch.manual_seed(seed)
     return Qwen3VLForConditionalGeneration(Qwen3VLConfig(**config)).eval()
+
+
+class FirstTokenClock(BaseStreamer):
+    """Records when `generate` hands over the first new token (its first `put` is the prompt; the
+    second is token 1, already on the host, so the device has finished)."""
+
+    def __init__(self):
+        self.puts = 0
+        self.first_token_at: float | None = None
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 2:
+            self.first_token_at = time.perf_counter()
+
+    def end(self):
+        pass
 
 
 def flops_config() -> ModelConfig:
@@ -108,6 +130,36 @@ def run_image(engine, processor, path: Path, runs: int) -> dict:
     return rows
 
 
+def prefix_reuse(engine, path: Path, runs: int) -> dict:
+    """Cold (new frame) vs vision-and-prefix hit (same frame and settings, new instruction) TTFT, pruned."""
+    image = np.asarray(Image.open(path).convert("RGB"))
+    rows: dict[str, list] = {}
+    for run in range(runs):
+        key = ("bench", path.name, run)  # a new frame every run
+        cold = engine.ground(engine.prepare(image, PruneSettings()), INSTRUCTION, max_new_tokens=1, cache_key=key)
+        hit = engine.ground(engine.prepare(image, PruneSettings()), "the File menu", max_new_tokens=1, cache_key=key)
+        if cold.prefix_reused or not hit.prefix_reused:
+            raise RuntimeError("the prefix cache did not behave: cold reused or hit missed")
+        for name, value in (("cold_ttft", cold.timings["ttft"]), ("hit_ttft", hit.timings["ttft"]),
+                            ("cold_model", cold.timings["vit"] + cold.timings["prefill"]),
+                            ("hit_model", hit.timings["vit"] + hit.timings["prefill"]),
+                            ("kept", cold.kept_blocks), ("total", cold.total_blocks)):
+            rows.setdefault(name, []).append(float(value) if name.endswith(("ttft", "model")) else value)
+    return rows
+
+
+def prefix_table(results: dict[str, dict], reduce=statistics.median) -> str:
+    lines = ["| screenshot | kept / total | TTFT new frame | TTFT same frame, new instruction | ratio | "
+             "ViT + prefill new frame | prefill on the cached prefix | ratio |", "|---|---|---|---|---|---|---|---|"]
+    for name, rows in results.items():
+        r = aggregate(rows, reduce)
+        lines.append(f"| {name} | {r['kept']} / {r['total']} | {r['cold_ttft'] * 1e3:.0f} ms | "
+                     f"{r['hit_ttft'] * 1e3:.0f} ms | {r['hit_ttft'] / r['cold_ttft']:.2f} | "
+                     f"{r['cold_model'] * 1e3:.0f} ms | {r['hit_model'] * 1e3:.0f} ms | "
+                     f"{r['hit_model'] / r['cold_model']:.2f} |")
+    return "\n".join(lines)
+
+
 def aggregate(rows: dict[str, list], reduce) -> dict:
     """One value per key: `reduce` (median or min) over the runs for times, the first run otherwise."""
     return {key: (reduce(v) if isinstance(v[0], float) else v[0]) for key, v in rows.items()}
@@ -135,21 +187,7 @@ def table(results: dict[str, dict], text_tokens: int, reduce=statistics.median) 
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=5, help="runs per screenshot; medians and minima are reported")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--images", nargs="+", default=list(DEFAULT_IMAGES), help="corpus file names or paths")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        processor = load_processor(write_tiny_checkpoint(Path(tmp) / "tiny"))
-    model = build_model()
-    engine = GroundingEngine(model, processor, max_new_tokens=1, is_random_weights=True)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"Model: Qwen3-VL layout with RANDOM weights, {params / 1e6:.1f} M parameters, float32, CPU, "
-          f"{args.threads} threads, attn sdpa\n  vision: {VISION}\n  text: {TEXT}\n")
-    engine.warmup()
+def full_vs_pruned(engine, processor, args) -> None:
     results = {}
     for name in args.images:
         path = Path(name) if Path(name).exists() else CORPUS / name
@@ -162,6 +200,35 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results, prompt_len, statistics.median))
     print(f"\nMinima over {args.runs} runs (least disturbed by other processes on the machine):\n")
     print(table(results, prompt_len, min))
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5, help="runs per screenshot; medians and minima are reported")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--images", nargs="+", default=list(DEFAULT_IMAGES), help="corpus file names or paths")
+    parser.add_argument("--prefix-only", action="store_true", help="only the prefix-reuse comparison")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        processor = load_processor(write_tiny_checkpoint(Path(tmp) / "tiny"))
+    model = build_model()
+    engine = GroundingEngine(model, processor, max_new_tokens=1, is_random_weights=True,
+                             batch=BatchSettings(max_batch_tokens=16384))
+    params = sum(p.numel() for p in model.parameters())
+    print(f"Model: Qwen3-VL layout with RANDOM weights, {params / 1e6:.1f} M parameters, float32, CPU, "
+          f"{args.threads} threads, attn sdpa\n  vision: {VISION}\n  text: {TEXT}\n")
+    engine.warmup()
+    if not args.prefix_only:
+        full_vs_pruned(engine, processor, args)
+    reuse = {}
+    for name in args.images:
+        path = Path(name) if Path(name).exists() else CORPUS / name
+        reuse[path.name] = prefix_reuse(engine, path, args.runs)
+    print(f"\nPrefix reuse, pruned (TTFT includes resize + select + patchify of the frame), medians over "
+          f"{args.runs} runs:\n")
+    print(prefix_table(reuse))
     return 0
 
 

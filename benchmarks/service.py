@@ -1,6 +1,7 @@
 """Service benchmark: what the gRPC service adds around the model, cache hits, and many streams.
 
     python benchmarks/service.py [--runs 10] [--hits 300] [--streams 16 64] [--duration 20]
+                                 [--callers 1 8] [--requests 6] [--answer-tokens 24]
 
 The server is `pixelprune serve` in a subprocess on loopback with the tiny
 RANDOM-WEIGHT checkpoint (`pixelprune.model.tiny`: nothing is downloaded); the model
@@ -18,6 +19,11 @@ overhead visible. Printed as markdown:
    sending 640x480 raw frames at --fps where one frame in four changes one block
    (the other three repeat it: cache hits); answers/s, skipped frames, errors by
    status code, answer latency.
+4. Throughput with batching: 1 and 8 concurrent unary callers, each sending --requests
+   different 640x480 raw frames (no session, every frame new: no cache hits), answers
+   of --answer-tokens tokens (random weights never stop early); requests/s, latency,
+   and the model's mean batch size (from /metrics). Issue 10's CPU goal: 8 callers
+   >= 2x the requests/s of one.
 """
 
 from __future__ import annotations
@@ -69,11 +75,12 @@ def free_port() -> int:
 class Server:
     """`pixelprune serve` in a subprocess on loopback; stopped with SIGTERM."""
 
-    def __init__(self, model: str, *flags: str):
+    def __init__(self, model: str, *flags: str, metrics_port: int = -1):
         self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pixelprune.cli", "serve", "--model", model, "--host", "127.0.0.1",
-             "--port", str(self.port), "--metrics-port", "-1", "--device", "cpu", "--log-level", "WARNING", *flags],
+             "--port", str(self.port), "--metrics-port", str(metrics_port), "--device", "cpu", "--log-level",
+             "WARNING", *flags],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}",
                                              options=[("grpc.max_send_message_length", 64 << 20)])
@@ -118,7 +125,7 @@ def overhead(model: str, runs: int) -> dict:
     frames = [data, _variant_png(pixels)]
     engine = GroundingEngine.load(ModelSpec(model=model, device="cpu", max_new_tokens=1))
     engine.warmup()
-    server = Server(model, "--max-new-tokens", "1", "--vision-cache-size", "0")
+    server = Server(model, "--max-new-tokens", "1", "--vision-cache-size", "0", "--prefix-cache-bytes", "0")
     stub = server.stub()
     rows: dict[str, list[float]] = {}
     try:
@@ -227,23 +234,61 @@ def streams(model: str, counts: list[int], duration: float, fps: float) -> list[
     return results
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="checkpoint (default: a fresh tiny random-weight one)")
-    parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--hits", type=int, default=300)
-    parser.add_argument("--streams", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds per stream test")
-    parser.add_argument("--fps", type=float, default=2.0, help="frames per second per stream")
-    args = parser.parse_args(argv)
-    model = args.model
-    if model is None:
-        from pixelprune.model.tiny import write_tiny_checkpoint
-        model = str(write_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", seed=0))
+def _distinct_frames(count: int) -> list[bytes]:
+    """`count` different 640x480 raw frames: windows of the 1080p screenshot at shifted offsets."""
+    pixels = np.asarray(Image.open(SCREENSHOT).convert("RGB"))
+    return [np.ascontiguousarray(pixels[(37 * k) % 600:(37 * k) % 600 + 480, (53 * k) % 1280:(53 * k) % 1280 + 640])
+            .tobytes() for k in range(count)]
 
-    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())} ({os.cpu_count()} cores)")
-    rows = overhead(model, args.runs)
-    print(f"\n### 1. Per-request overhead, 1080p PNG ({args.runs} runs, ms)\n")
+
+def _mean_batch_size(metrics_port: int) -> float:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+              if s.name.startswith("pixelprune_batch_size_")}
+    return values["pixelprune_batch_size_sum"] / max(values["pixelprune_batch_size_count"], 1)
+
+
+def throughput(model: str, callers: list[int], per_caller: int, answer_tokens: int) -> list[dict]:
+    """Section 4: requests/s of N concurrent callers, each sending distinct frames one after another."""
+    results = []
+    for count in callers:
+        metrics_port = free_port()
+        server = Server(model, "--max-new-tokens", str(answer_tokens), "--queue-size", str(max(16, count)),
+                        metrics_port=metrics_port)
+        frames = _distinct_frames(count * per_caller + 1)
+        stub = server.stub()
+        stub.Ground(pb.GroundRequest(image=pb.Image(raw=pb.RawImage(width=640, height=480, rgb=frames[-1])),
+                                     instruction="warm up"), timeout=300)
+        latencies: list[float] = []
+        lock = threading.Lock()
+
+        def caller(k: int) -> None:
+            for j in range(per_caller):
+                frame = frames[k * per_caller + j]
+                start = time.perf_counter()
+                stub.Ground(pb.GroundRequest(image=pb.Image(raw=pb.RawImage(width=640, height=480, rgb=frame)),
+                                             instruction=f"the button number {j}"), timeout=600)
+                with lock:
+                    latencies.append((time.perf_counter() - start) * 1000)
+
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(count)]
+        start = time.perf_counter()
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        elapsed = time.perf_counter() - start
+        results.append({"callers": count, "requests": len(latencies), "elapsed": elapsed, "latency": latencies,
+                        "batch": _mean_batch_size(metrics_port)})
+        server.stop()
+    return results
+
+
+def overhead_section(model: str, runs: int) -> None:
+    rows = overhead(model, runs)
+    print(f"\n### 1. Per-request overhead, 1080p PNG ({runs} runs, ms)\n")
     print("| quantity | no session p50 | p95 | in a session p50 | p95 |\n| --- | ---: | ---: | ---: | ---: |")
     for name, label in [("round_trip", "client round trip through the server"),
                         ("engine_in_server", "engine stages inside that request"),
@@ -259,18 +304,58 @@ def main(argv=None) -> int:
     print(f"| engine alone (prepare + ground), same pixels, this process | {pct(alone, 50):.1f} | "
           f"{pct(alone, 95):.1f} | | |")
 
-    hits = cache_hits(model, args.hits)
-    print(f"\n### 2. Cache hit, same 1080p PNG + instruction in a session ({args.hits} requests, ms)\n")
-    print(f"| p50 | p95 |\n| ---: | ---: |\n| {pct(hits, 50):.2f} | {pct(hits, 95):.2f} |")
 
-    print(f"\n### 3. Concurrent streams, {args.duration:.0f} s each, {args.fps:g} fps per stream, 640x480 raw\n")
+def streams_section(model: str, counts: list[int], duration: float, fps: float) -> None:
+    print(f"\n### 3. Concurrent streams, {duration:.0f} s each, {fps:g} fps per stream, 640x480 raw\n")
     print("| streams | frames sent | answers | answers/s | cache hits | skipped | stream end codes | "
           "latency p50 ms | p95 ms |\n| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
-    for r in streams(model, args.streams, args.duration, args.fps):
+    for r in streams(model, counts, duration, fps):
         codes = ", ".join(f"{k} {v}" for k, v in sorted(Counter(r["codes"]).items()))
         print(f"| {r['streams']} | {r['sent']} | {len(r['latency'])} | {len(r['latency']) / r['elapsed']:.1f} | "
               f"{sum(r['hits'])} | {sum(r['skipped'])} | {codes} | {pct(r['latency'], 50):.0f} | "
               f"{pct(r['latency'], 95):.0f} |")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="checkpoint (default: a fresh tiny random-weight one)")
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--hits", type=int, default=300)
+    parser.add_argument("--streams", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per stream test")
+    parser.add_argument("--fps", type=float, default=2.0, help="frames per second per stream")
+    parser.add_argument("--callers", type=int, nargs="+", default=[1, 8], help="concurrent callers (section 4)")
+    parser.add_argument("--requests", type=int, default=6, help="requests per caller (section 4)")
+    parser.add_argument("--answer-tokens", type=int, default=24, help="tokens per answer (section 4)")
+    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4], help="which sections to run")
+    args = parser.parse_args(argv)
+    model = args.model
+    if model is None:
+        from pixelprune.model.tiny import write_tiny_checkpoint
+        model = str(write_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", seed=0))
+
+    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())} ({os.cpu_count()} cores)")
+    if 1 in args.sections:
+        overhead_section(model, args.runs)
+    if 2 in args.sections:
+        hits = cache_hits(model, args.hits)
+        print(f"\n### 2. Cache hit, same 1080p PNG + instruction in a session ({args.hits} requests, ms)\n")
+        print(f"| p50 | p95 |\n| ---: | ---: |\n| {pct(hits, 50):.2f} | {pct(hits, 95):.2f} |")
+    if 3 in args.sections:
+        streams_section(model, args.streams, args.duration, args.fps)
+    if 4 in args.sections:
+        print(f"\n### 4. Throughput with batching: concurrent unary callers, {args.requests} different 640x480 raw "
+              f"frames each, {args.answer_tokens}-token answers\n")
+        print("| callers | requests | requests/s | latency p50 ms | p95 ms | mean batch size per decode step |\n"
+              "| ---: | ---: | ---: | ---: | ---: | ---: |")
+        results = throughput(model, args.callers, args.requests, args.answer_tokens)
+        for r in results:
+            print(f"| {r['callers']} | {r['requests']} | {r['requests'] / r['elapsed']:.2f} | "
+                  f"{pct(r['latency'], 50):.0f} | {pct(r['latency'], 95):.0f} | {r['batch']:.2f} |")
+        base = results[0]["requests"] / results[0]["elapsed"]
+        for r in results[1:]:
+            print(f"\n{r['callers']} callers / {results[0]['callers']}: "
+                  f"{r['requests'] / r['elapsed'] / base:.2f}x the requests/s")
     print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return 0
 

@@ -44,6 +44,11 @@ class ServiceConfig:
     tls_key: str | None = None  # PEM private key
     prune: PruneSettings = PruneSettings()  # default pruning (requests may override each field)
     log_level: str = "INFO"  # Python logging level name
+    max_batch_size: int = 32  # sequences the model decodes together
+    max_batch_tokens: int = 32768  # KV-cache positions of the batch: rows x (longest prompt + new tokens, bucketed)
+    no_cuda_graphs: bool = False  # decode eagerly on CUDA (no graph capture)
+    stop_after_point: bool = False  # end an answer as soon as it holds a closed point
+    prefix_cache_bytes: int = 1024 * MIB  # device bytes of cached prompt prefixes (LRU; 0 = off)
 
     def validate(self) -> "ServiceConfig":
         """Raise ValueError (one line) for a setting that cannot work; return self."""
@@ -65,6 +70,9 @@ class ServiceConfig:
              f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}"),
             (self.redis_url is None or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
              "--redis-url must start with redis://, rediss:// or unix://"),
+            (self.max_batch_size >= 1, f"--max-batch-size must be >= 1, got {self.max_batch_size}"),
+            (self.max_batch_tokens >= 256, f"--max-batch-tokens must be >= 256, got {self.max_batch_tokens}"),
+            (self.prefix_cache_bytes >= 0, f"--prefix-cache-bytes must be >= 0, got {self.prefix_cache_bytes}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -125,6 +133,14 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("prune_metric", "--prune-metric", str, "default metric: max, mae"),
     ("prune_tau", "--prune-tau", float, "default tau in [0, 1] (0 = lossless)"),
     ("log_level", "--log-level", str, "DEBUG, INFO, WARNING, ERROR"),
+    ("max_batch_size", "--max-batch-size", int, "sequences decoded together"),
+    ("max_batch_tokens", "--max-batch-tokens", int, "KV-cache positions of the batch (rows x longest sequence)"),
+    ("prefix_cache_bytes", "--prefix-cache-bytes", int, "device bytes of cached prompt prefixes (0 = off)"),
+]
+# On/off switches: (field, flag, help); PIXELPRUNE_<FLAG> takes true/false.
+_SWITCHES: list[tuple[str, str, str]] = [
+    ("no_cuda_graphs", "--no-cuda-graphs", "decode without CUDA graphs"),
+    ("stop_after_point", "--stop-after-point", "end an answer once it holds a closed point"),
 ]
 
 
@@ -142,6 +158,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"{help_text} [env {env_name(flag)}; default {default}]")
     parser.add_argument("--no-prune", dest="no_prune", action="store_true", default=None,
                         help=f"run the model on every block by default [env {env_name('--no-prune')}]")
+    for field, flag, help_text in _SWITCHES:
+        parser.add_argument(flag, dest=field, action="store_true", default=None,
+                            help=f"{help_text} [env {env_name(flag)}]")
 
 
 def from_namespace(args: argparse.Namespace, environ: Mapping[str, str]) -> ServiceConfig:
@@ -162,6 +181,12 @@ def from_namespace(args: argparse.Namespace, environ: Mapping[str, str]) -> Serv
         no_prune = _bool(environ[env_name("--no-prune")])
     if no_prune is not None:
         values["prune_enabled"] = not no_prune
+    for field, flag, _help in _SWITCHES:
+        switch = getattr(args, field, None)
+        if switch is None and env_name(flag) in environ:
+            switch = _bool(environ[env_name(flag)])
+        if switch is not None:
+            values[field] = switch
     prune = {name[len("prune_"):]: values.pop(name) for name in list(values) if name.startswith("prune_")}
     try:
         values["prune"] = PruneSettings(**prune)

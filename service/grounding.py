@@ -5,13 +5,15 @@
     -> changed fraction vs the previous frame -> (all blocks equal, same instruction and settings:
        answer from the session, as ARCHITECTURE.md prescribes; a hash collision could only
        mislead the client's own session, with probability ~2**-64 per changed block)
-    -> on the model worker: vision cache (same pixels and settings: skip the ViT) -> engine.ground
+    -> on the model worker, batched with other requests: prompt prefix or vision features
+       reused for the same frame (skip the ViT and the image's prefill), prefill, decode
     -> save the session -> GroundAnswer
 
 Everything before the model step runs on the calling RPC thread, so the single
-model worker only ever runs the model. The vision cache is shared by all sessions,
-so its key is exact: a cryptographic digest of the request's image bytes (never
-the 64-bit block hashes). No gRPC types here: the servicer converts.
+model worker only ever runs the model. The engine's prefix and vision caches are
+shared by all sessions, so their key is exact: the tenant, a cryptographic digest of
+the request's image bytes (never the 64-bit block hashes), the pruning settings and
+the resized size. No gRPC types here: the servicer converts.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import numpy as np
 from pixelprune.hashing import block_hashes
 from pixelprune.keepmask import pack_keep
 from pixelprune.settings import PruneSettings
-from service.cache import LRUCache, vision_key
+from pixelprune.model.request import GroundRequest
+from service.cache import vision_key
 from service.errors import DeadlineExpired
 from service.images import RawImage, decode_image
 from service.metrics import ServiceMetrics
@@ -43,6 +46,7 @@ class GroundQuery:
     instruction: str  # what to find
     session_id: str  # "" = no session
     pruning: PruneSettings  # resolved at the edge (request fields over the server's defaults)
+    tenant: str = ""  # who sent it (caches never cross tenants); "" = the one tenant of this server
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,8 @@ class GroundAnswer:
     # bool (model_h/32, model_w/32), True = block the model saw; None on a cache hit from a
     # session stored without one
     keep: np.ndarray | None = field(default=None, compare=False)
+    prefix_cache_hit: bool = False  # the prompt prefix's keys/values were reused: only the instruction was prefilled
+    kv_cache_bytes: int = 0  # key/value bytes of the prompt's cache after prefill (0: the model did not run)
 
     @property
     def retain_ratio(self) -> float:
@@ -89,26 +95,19 @@ def changed_fraction(previous: SessionState | None, hashes: np.ndarray) -> float
     return float(np.count_nonzero(previous.hashes_array() != hashes)) / hashes.size
 
 
-def kv_bytes_per_token(engine) -> int:
-    """Key+value bytes one prompt token takes in the LLM's cache, from the model config (0 if unknown)."""
-    config = getattr(getattr(getattr(engine, "model", None), "config", None), "text_config", None)
-    try:
-        dtype_bytes = int(getattr(engine, "dtype").itemsize)
-        return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype_bytes
-    except (AttributeError, TypeError):
-        return 0
+def frame_key(tenant: str, content_digest: bytes, settings: tuple, resized_size: tuple[int, int]) -> tuple:
+    """The engine's cache key of one frame (prompt prefix and vision features); one engine = one model."""
+    return (tenant,) + vision_key(content_digest, settings, resized_size)
 
 
 class Grounder:
-    """Runs GroundQuery -> GroundAnswer against one engine, session store, vision cache and worker."""
+    """Runs GroundQuery -> GroundAnswer against one engine, session store and (batching) worker."""
 
-    def __init__(self, engine, store: SessionStore, vision_cache: LRUCache, worker: ModelWorker,
-                 metrics: ServiceMetrics, max_image_pixels: int, max_instruction_chars: int):
-        self.engine, self.store, self.vision_cache, self.worker = engine, store, vision_cache, worker
+    def __init__(self, engine, store: SessionStore, worker: ModelWorker, metrics: ServiceMetrics,
+                 max_image_pixels: int, max_instruction_chars: int):
+        self.engine, self.store, self.worker = engine, store, worker
         self.metrics = metrics
         self.max_image_pixels, self.max_instruction_chars = max_image_pixels, max_instruction_chars
-        self._kv_per_token = kv_bytes_per_token(engine)
-        self._prompt_text_tokens = 0  # text tokens of the last prompt (calibrates the in-use estimate)
 
     def validate(self, query: GroundQuery) -> None:
         """ValueError (-> INVALID_ARGUMENT) for a bad instruction or session id."""
@@ -149,10 +148,10 @@ class Grounder:
         content = previous.content_key if same_blocks and tuple(previous.settings) == key else src
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExpired("deadline expired before the model ran")
-        vkey = vision_key(content, key, prepared.resized_size)
-        job = self.worker.run(lambda: self._model_step(prepared, query.instruction, vkey),
-                              deadline=deadline, is_active=is_active, wait_while=wait_while)
-        output, started = job.value
+        request = GroundRequest(prepared=prepared, instruction=query.instruction,
+                                cache_key=frame_key(query.tenant, content, key, prepared.resized_size))
+        self.engine.check(request)  # too large for the batch limits: INVALID_ARGUMENT before queueing
+        output, job = self._model_step(request, deadline, is_active, wait_while)
         rows, cols, keep_bits = pack_keep(prepared.keep)
         answer = CachedAnswer(raw_text=output.raw_text, point=output.point, point_normalized=output.point_normalized,
                               kept_blocks=output.kept_blocks, total_blocks=output.total_blocks,
@@ -164,34 +163,27 @@ class Grounder:
                 block_hashes=hashes.astype("<u8", copy=False).tobytes(), source_digest=src, content_key=content,
                 instruction=query.instruction, settings=key, answer=answer))
         prep_s = sum(prepared.timings.values())
-        ttft_s = (started - arrival) + output.timings["ttft"] - prep_s
+        ttft_s = (job.started - arrival) + output.timings["ttft"] - prep_s
         timings = {**output.timings, "decode": decode_s, "queue": job.queue_wait_s, "ttft": ttft_s}
         self.metrics.record_stages({k: v for k, v in timings.items() if k != "vit" or not output.vision_reused})
         self.metrics.record_model_run(output.kept_blocks, output.total_blocks, output.kv_cache_bytes, ttft_s)
+        self.metrics.record_decode(output.timings["decode_tokens"], output.generated_tokens)
+        if self.engine.batch_settings.prefix_cache_bytes:
+            self.metrics.record_prefix_cache(output.prefix_reused, self.engine.prefix_cache_bytes)
         return self._answer(query, answer, changed=changed, cache_hit=False, vision_hit=output.vision_reused,
                             image_size=prepared.original_size, model_size=prepared.resized_size,
-                            timings=timings, arrival=arrival)
+                            timings=timings, arrival=arrival, prefix_hit=output.prefix_reused,
+                            kv_bytes=output.kv_cache_bytes)
 
-    def _model_step(self, prepared, instruction: str, vkey: tuple):
-        """Runs on the model worker: the engine's ViT (unless cached), prefill and decoding.
-
-        The vision cache is read here, not on the RPC thread, so that of several requests
-        queued on one new frame only the first runs the ViT."""
-        started = time.perf_counter()
-        vision = self.vision_cache.get(vkey)
-        estimate = self._kv_per_token * (prepared.kept_blocks + self._prompt_text_tokens)
-        self.metrics.set_kv_in_use(estimate)
+    def _model_step(self, request: GroundRequest, deadline, is_active, wait_while):
+        """The engine's part, batched on the model worker: (GroundingOutput, JobResult). The vision and
+        prefix caches are read there, not here, so that of several requests queued on one new frame
+        only the first runs the ViT and prefills the image."""
         try:
-            output = self.engine.ground(prepared, instruction, vision=vision)
+            job = self.worker.run_request(request, deadline=deadline, is_active=is_active, wait_while=wait_while)
         except ValueError as exc:  # the input was validated before: this is a bug, not bad input
-            raise RuntimeError(f"engine.ground failed: {exc}") from exc
-        finally:
-            self.metrics.set_kv_in_use(0)
-        if vision is None:
-            self.vision_cache.put(vkey, output.vision)
-        if self._kv_per_token:
-            self._prompt_text_tokens = max(0, output.kv_cache_bytes // self._kv_per_token - output.kept_blocks)
-        return output, started
+            raise RuntimeError(f"the engine failed on a validated request: {exc}") from exc
+        return job.value, job
 
     @staticmethod
     def _same_request(previous: SessionState | None, instruction: str, key: tuple) -> bool:
@@ -212,7 +204,7 @@ class Grounder:
 
     def _answer(self, query: GroundQuery, answer: CachedAnswer, *, changed: float, cache_hit: bool,
                 vision_hit: bool, image_size: tuple[int, int], model_size: tuple[int, int], timings: dict,
-                arrival: float) -> GroundAnswer:
+                arrival: float, prefix_hit: bool = False, kv_bytes: int = 0) -> GroundAnswer:
         """The answer to `query` from a model run's or a session's CachedAnswer (keep mask included);
         `timings` in seconds by stage, `arrival` a time.perf_counter() value."""
         stages = ("decode", "resize", "select", "patchify", "vit", "prefill", "ttft", "decode_tokens", "queue")
@@ -223,4 +215,5 @@ class Grounder:
             raw_answer=answer.raw_text, kept_blocks=answer.kept_blocks, total_blocks=answer.total_blocks,
             changed_fraction=changed, cache_hit=cache_hit, vision_cache_hit=vision_hit,
             session_id=query.session_id, timings_ms=timings_ms, image_size=tuple(image_size),
-            model_size=tuple(model_size), random_weights=bool(self.engine.is_random_weights), keep=answer.keep())
+            model_size=tuple(model_size), random_weights=bool(self.engine.is_random_weights), keep=answer.keep(),
+            prefix_cache_hit=prefix_hit, kv_cache_bytes=int(kv_bytes))

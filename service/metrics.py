@@ -19,6 +19,8 @@ TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 RATIO_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 BYTES_BUCKETS = tuple(float(4 ** k * 1024) for k in range(3, 14))  # 64 KiB .. 64 GiB, x4
 STAGES = ("decode", "resize", "select", "patchify", "vit", "prefill", "decode_tokens")
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # sequences per decode step
+TPOT_BUCKETS = (0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 
 
 class ServiceMetrics:
@@ -62,6 +64,17 @@ class ServiceMetrics:
         for kind in ("kept", "pruned"):
             self.visual_tokens.labels(kind=kind)
         self._in_use_lock = threading.Lock()
+        self.batch_size = Histogram("pixelprune_batch_size", "Sequences decoded together in one model step.",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.time_per_output_token = Histogram(
+            "pixelprune_time_per_output_token_seconds",
+            "Decode seconds per generated token after the first, per request.", buckets=TPOT_BUCKETS, registry=r)
+        self.prefix_cache_bytes = Gauge("pixelprune_prefix_cache_bytes",
+                                        "Device bytes held by cached prompt prefixes (keys and values).", registry=r)
+        self.prefix_cache_queries = Counter(
+            "pixelprune_prefix_cache_queries_total", "Model runs that looked up a cached prompt prefix.", registry=r)
+        self.prefix_cache_hits = Counter(
+            "pixelprune_prefix_cache_hits_total", "Model runs that started from a cached prompt prefix.", registry=r)
 
     def record_request(self, rpc: str, code: str, seconds: float) -> None:
         self.request_duration.labels(rpc=rpc, code=code).observe(seconds)
@@ -84,6 +97,23 @@ class ServiceMetrics:
     def set_kv_in_use(self, nbytes: int) -> None:
         with self._in_use_lock:
             self.kv_cache_in_use.set(nbytes)
+
+    def record_step(self, batch_size: int, kv_in_use_bytes: int) -> None:
+        """One decode step of the batch: its size, and the KV bytes its sequences hold after it."""
+        self.batch_size.observe(batch_size)
+        self.set_kv_in_use(kv_in_use_bytes)
+
+    def record_decode(self, decode_seconds: float, generated_tokens: int) -> None:
+        """Time per output token of one request (vLLM's TPOT): decode time over the tokens after the first."""
+        if generated_tokens > 1:
+            self.time_per_output_token.observe(decode_seconds / (generated_tokens - 1))
+
+    def record_prefix_cache(self, hit: bool, cache_bytes: int) -> None:
+        """One model run that could reuse a cached prefix, and the prefix cache's size after it."""
+        self.prefix_cache_queries.inc()
+        if hit:
+            self.prefix_cache_hits.inc()
+        self.prefix_cache_bytes.set(cache_bytes)
 
     def record_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)

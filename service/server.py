@@ -24,7 +24,6 @@ from pixelprune.geometry import BLOCK_SIZE
 from pixelprune_api.grounding.v1 import grounding_pb2 as pb
 from pixelprune_api.grounding.v1 import grounding_pb2_grpc as pb_grpc
 from pixelprune.hashing import block_hashes
-from service.cache import LRUCache
 from service.config import ServiceConfig
 from service.errors import BearerAuthInterceptor
 from service.grounding import Grounder
@@ -74,12 +73,21 @@ class ServerHandle:
         self._stopped.set()
 
 
+def batch_settings(config: ServiceConfig):
+    """The engine's batch limits and caches from the serve flags."""
+    from pixelprune.model.request import BatchSettings
+
+    return BatchSettings(max_batch_size=config.max_batch_size, max_batch_tokens=config.max_batch_tokens,
+                         cuda_graphs=not config.no_cuda_graphs, stop_after_point=config.stop_after_point,
+                         prefix_cache_bytes=config.prefix_cache_bytes, vision_cache_size=config.vision_cache_size)
+
+
 def load_engine(config: ServiceConfig):
     """The configured model, loaded (imports torch and transformers)."""
     from pixelprune.model.engine import GroundingEngine, ModelSpec
 
     return GroundingEngine.load(ModelSpec(model=config.model, device=config.device, dtype=config.dtype,
-                                          max_new_tokens=config.max_new_tokens))
+                                          max_new_tokens=config.max_new_tokens), batch=batch_settings(config))
 
 
 def session_key_prefix(config: ServiceConfig) -> str:
@@ -117,15 +125,17 @@ def create_server(config: ServiceConfig, engine=None, registry: CollectorRegistr
                   warmup: bool = True) -> ServerHandle:
     """Start a server for `config` (port 0 = any free port) and return its handle.
 
-    engine: a loaded GroundingEngine (None = load config.model). registry: where metrics go
+    engine: a loaded GroundingEngine (None = load config.model; a given one keeps its own batch
+    settings: build it with `batch_settings(config)`). registry: where metrics go
     (None = a fresh one). warmup=False leaves health NOT_SERVING until handle.warmup()."""
     config.validate()
     token = config.auth_token()
     engine = engine if engine is not None else load_engine(config)
     metrics = ServiceMetrics(registry)
-    worker = ModelWorker(config.queue_size, on_depth=metrics.record_queue_depth, on_wait=metrics.record_queue_wait)
-    grounder = Grounder(engine, _session_store(config, metrics), LRUCache(config.vision_cache_size), worker,
-                        metrics, config.max_image_pixels, config.max_instruction_chars)
+    worker = ModelWorker(config.queue_size, on_depth=metrics.record_queue_depth, on_wait=metrics.record_queue_wait,
+                         engine=engine, on_step=lambda step: metrics.record_step(step.batch_size, step.kv_bytes))
+    grounder = Grounder(engine, _session_store(config, metrics), worker, metrics, config.max_image_pixels,
+                        config.max_instruction_chars)
     denied = lambda method: metrics.record_request(method.rsplit("/", 1)[-1], "UNAUTHENTICATED", 0.0)  # noqa: E731
     interceptors = [BearerAuthInterceptor(token, on_denied=denied)] if token else []
     options = [("grpc.max_receive_message_length", config.max_message_bytes),

@@ -76,7 +76,8 @@ def to_pb(answer: GroundAnswer, skipped_frames: int = 0, sequence: int = 0) -> p
                            total_ms=t["total"]),
         image_width=answer.image_size[0], image_height=answer.image_size[1],
         model_width=answer.model_size[0], model_height=answer.model_size[1],
-        random_weights=answer.random_weights)
+        random_weights=answer.random_weights, prefix_cache_hit=answer.prefix_cache_hit,
+        kv_cache_bytes=answer.kv_cache_bytes)
     if answer.point is not None:
         response.point.x, response.point.y = answer.point
     if answer.point_normalized is not None:

@@ -5,35 +5,42 @@
     output = engine.ground(prepared, "the Save button")              # ViT, prefill, decode, parse
 
 `ground` returns the model's raw answer, the click point in pixels of the ORIGINAL
-screenshot, token counts, the KV-cache size read from the cache object and the time
-of every stage. The vision features it used come back too, so a caller that sees the
-same screen again (same pixels, same pruning settings) can pass them as `vision=`
-and skip the ViT. Nothing here records metrics or logs requests: the service does.
+screenshot, token counts, the prompt's KV-cache bytes and the time of every stage. It
+runs one request through the engine's batch (`pixelprune.model.batching`); a model
+worker serving many callers drives the batch itself with `admit`, `step` and `cancel`.
+Requests that carry a `cache_key` reuse the vision features and the prompt prefix's
+keys/values of an earlier request on the same frame. Nothing here records metrics or
+logs requests: the service does.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Hashable
 
 import numpy as np
 import torch
 from transformers import AutoModelForImageTextToText
-from transformers.generation.streamers import BaseStreamer
 
-from pixelprune.model.pipeline import (PreparedImage, chat_token_ids, prepare_image, tokenize, user_message,
-                                 vision_spec)
-from pixelprune.points import grounding_prompt, normalize_point, parse_point, point_to_pixels
 from pixelprune.model.adapter import PrunedQwen3VL, VisionFeatures
+from pixelprune.model.batching import BatchScheduler, StepReport
+from pixelprune.model.pipeline import PreparedImage, chat_token_ids, prepare_image, user_message, vision_spec
 from pixelprune.model.processor import load_processor
+from pixelprune.model.request import BatchSettings, GroundingOutput, GroundRequest
+from pixelprune.model.sequence import Sequence
+from pixelprune.points import grounding_prompt
 from pixelprune.selectors import select_blocks
 from pixelprune.settings import METHODS, METRICS, PruneSettings
 
-__all__ = ["GroundingEngine", "GroundingOutput", "ModelSpec", "PreparedImage", "PruneSettings", "VisionFeatures"]
+__all__ = ["BatchSettings", "GroundingEngine", "GroundingOutput", "GroundRequest", "ModelSpec", "PreparedImage",
+           "PruneSettings", "VisionFeatures"]
 
 RANDOM_WEIGHTS_MARKER = "RANDOM WEIGHTS"  # README.md heading written by `pixelprune tiny-checkpoint`
 PROMPT_CACHE_SIZE = 256  # prompt texts whose chat token ids the engine keeps (a few KB each)
+TEXT_ATTENTION = ("sdpa", "eager")  # the text model's attention must take our 4-D masks
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -44,21 +51,6 @@ class ModelSpec:
     dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16", "float16"
     attn_implementation: str | None = None  # None: flash_attention_2 on CUDA when installed, else sdpa
     max_new_tokens: int = 24  # generation budget per answer (greedy)
-
-
-@dataclass(frozen=True)
-class GroundingOutput:
-    raw_text: str  # the model's answer, special tokens removed
-    point: tuple[float, float] | None  # click point in pixels of the ORIGINAL screenshot, or None
-    point_normalized: tuple[float, float] | None  # the same point in 0..1 of width/height, or None
-    kept_blocks: int  # visual tokens the model saw
-    total_blocks: int  # visual tokens of the full resized image
-    retain_ratio: float  # kept_blocks / total_blocks
-    kv_cache_bytes: int  # key+value bytes of the prompt's KV cache (after prefill)
-    vision: VisionFeatures  # the vision features used; pass back as vision= to skip the ViT
-    timings: dict  # seconds: resize, select, patchify, vit, prefill, decode_tokens, ttft
-    vision_reused: bool  # True when vision= was given and the ViT did not run
-    generated_tokens: int  # tokens generated, including the first
 
 
 def resolve_device(device: str) -> torch.device:
@@ -86,7 +78,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_attn_implementation(requested: str | None, device: torch.device) -> str:
-    """None -> flash_attention_2 on CUDA when flash_attn is importable, else sdpa."""
+    """None -> flash_attention_2 on CUDA when flash_attn is importable, else sdpa. (The vision
+    encoder's; the text model takes sdpa unless eager is asked for, see `attention_config`.)"""
     if requested is not None:
         return requested
     if device.type == "cuda":
@@ -107,45 +100,24 @@ def checkpoint_has_random_weights(model_id: str, config) -> bool:
     return readme.is_file() and RANDOM_WEIGHTS_MARKER in readme.read_text(errors="replace")
 
 
-class FirstTokenClock(BaseStreamer):
-    """Records when generate hands over the first new token (generate's first `put` is the
-    prompt; the second is token 1, already on the host, so the device has finished)."""
-
-    def __init__(self):
-        self.puts = 0
-        self.first_token_at: float | None = None
-        self.tokens: list[int] = []
-
-    def put(self, value):
-        self.puts += 1
-        if self.puts == 1:
-            return
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        self.tokens.extend(int(v) for v in value.reshape(-1).tolist())
-
-    def end(self):
-        pass
-
-
-def kv_cache_bytes(cache) -> tuple[int, int]:
-    """(bytes, tokens) of all key and value tensors held by a transformers Cache."""
-    total, length = 0, 0
-    for layer in getattr(cache, "layers", ()):
-        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-        if keys is None or values is None or keys.numel() == 0:
-            continue
-        total += keys.numel() * keys.element_size() + values.numel() * values.element_size()
-        length = max(length, keys.shape[-2])
-    return total, length
+def attention_config(vision_attn: str) -> str | dict:
+    """`attn_implementation` for from_pretrained: one name when text and vision agree, else per sub-config
+    (the batched text model needs TEXT_ATTENTION: it is given 4-D masks)."""
+    text_attn = vision_attn if vision_attn in TEXT_ATTENTION else "sdpa"
+    return vision_attn if text_attn == vision_attn else {"text_config": text_attn, "vision_config": vision_attn}
 
 
 class GroundingEngine:
-    """A loaded Qwen3-VL (through PrunedQwen3VL) plus its processor; see the module docstring."""
+    """A loaded Qwen3-VL (through PrunedQwen3VL), its processor and its batch; see the module docstring."""
 
-    def __init__(self, model, processor, max_new_tokens: int = 24, is_random_weights: bool = False):
+    def __init__(self, model, processor, max_new_tokens: int = 24, is_random_weights: bool = False,
+                 batch: BatchSettings = BatchSettings()):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        text = model.config.text_config
+        if text._attn_implementation not in TEXT_ATTENTION:
+            raise ValueError(f"the text model must use {' or '.join(TEXT_ATTENTION)} attention (it takes 4-D masks), "
+                             f"got {text._attn_implementation!r}")
         self.model = model
         self.processor = processor
         self.adapter = PrunedQwen3VL(model)
@@ -154,23 +126,32 @@ class GroundingEngine:
         self.is_random_weights = bool(is_random_weights)  # outputs shown to anyone must say so
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        # key + value bytes of one token's cache entry over all text layers
+        self.kv_bytes_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * self.dtype.itemsize
+        eos = model.generation_config.eos_token_id
+        eos = processor.tokenizer.eos_token_id if eos is None else eos
+        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos)
         self._prompt_cache: dict[str, np.ndarray] = {}  # prompt text -> chat token ids, LRU order
+        self._prompt_lock = threading.Lock()  # RPC threads size requests while the worker admits them
+        self.batch_settings = batch
+        self.scheduler = BatchScheduler(self, batch)
 
     @classmethod
-    def load(cls, spec: ModelSpec) -> "GroundingEngine":
+    def load(cls, spec: ModelSpec, batch: BatchSettings = BatchSettings()) -> "GroundingEngine":
         """Load model and processor with from_pretrained (hub id or local directory)."""
         device = resolve_device(spec.device)
         dtype = resolve_dtype(spec.dtype, device)
-        attn = resolve_attn_implementation(spec.attn_implementation, device)
+        attn = attention_config(resolve_attn_implementation(spec.attn_implementation, device))
         model = AutoModelForImageTextToText.from_pretrained(spec.model, dtype=dtype, attn_implementation=attn)
         if getattr(model.config, "model_type", None) != "qwen3_vl":
             raise ValueError(f"{spec.model!r} is a {model.config.model_type!r} checkpoint, not Qwen3-VL")
         model = model.to(device).eval()
         processor = load_processor(spec.model)
         return cls(model, processor, max_new_tokens=spec.max_new_tokens,
-                   is_random_weights=checkpoint_has_random_weights(spec.model, model.config))
+                   is_random_weights=checkpoint_has_random_weights(spec.model, model.config), batch=batch)
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
+        """Wait for the device (timings measure finished work)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -178,93 +159,103 @@ class GroundingEngine:
         """Resize, select and patchify one screenshot (uint8 (H, W, 3) array or PIL image)."""
         return prepare_image(image, settings, self.spec_vision, device=self.device, dtype=self.dtype)
 
-    def encode_timed(self, prepared: PreparedImage) -> tuple[VisionFeatures, float]:
-        """(vision features of the kept blocks, ViT seconds)."""
-        grid = torch.tensor([prepared.image_grid_thw], dtype=torch.int64, device=self.device)
-        self._sync()
+    def encode_many(self, prepared: list[PreparedImage]) -> tuple[list[VisionFeatures], float]:
+        """(vision features per image, ViT seconds): one ViT call on the kept patches of all images,
+        each attending within itself, with full-grid positions."""
+        grids = torch.tensor([p.image_grid_thw for p in prepared], dtype=torch.int64, device=self.device)
+        rows = torch.cat([p.pixel_values for p in prepared]) if len(prepared) > 1 else prepared[0].pixel_values
+        self.sync()
         start = time.perf_counter()
         with torch.inference_mode():
-            features = self.adapter.encode_images(prepared.pixel_values, grid, [prepared.keep])
-        self._sync()
-        return features, time.perf_counter() - start
+            joint = self.adapter.encode_images(rows, grids, [p.keep for p in prepared])
+        self.sync()
+        seconds = time.perf_counter() - start
+        return [VisionFeatures(embeds=(joint.embeds[i],), deepstack=tuple((level[i],) for level in joint.deepstack),
+                               kept_blocks=(joint.kept_blocks[i],), keep=(joint.keep[i],),
+                               image_grid_thw=(joint.image_grid_thw[i],)) for i in range(len(prepared))], seconds
+
+    def encode_timed(self, prepared: PreparedImage) -> tuple[VisionFeatures, float]:
+        """(vision features of the kept blocks, ViT seconds)."""
+        features, seconds = self.encode_many([prepared])
+        return features[0], seconds
 
     def encode(self, prepared: PreparedImage) -> VisionFeatures:
         """Run the ViT on the kept patches only, with full-grid positions (time: `encode_timed`)."""
         return self.encode_timed(prepared)[0]
 
+    def prompt_ids(self, text: str) -> np.ndarray:
+        """The chat's token ids for one prompt text, from a small LRU: agents repeat instructions."""
+        with self._prompt_lock:
+            ids = self._prompt_cache.pop(text, None)
+            if ids is None:
+                ids = chat_token_ids(self.processor, user_message(text))
+            self._prompt_cache[text] = ids  # most recent last
+            while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+                self._prompt_cache.pop(next(iter(self._prompt_cache)))
+            return ids
+
+    def check(self, request: GroundRequest) -> None:
+        """ValueError for a request that could never run: bad prompt or budget, or more KV-cache
+        positions than the batch limit allows. Cheap (no model); callers run it before queueing."""
+        budget = self.max_new_tokens if request.max_new_tokens is None else int(request.max_new_tokens)
+        if budget < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {budget}")
+        ids = self.prompt_ids(grounding_prompt(request.instruction, request.prompt))
+        self.scheduler.check_size(len(ids) - 1 + request.prepared.kept_blocks + budget)
+
+    # ------------------------------------------------------------------ the batch
+    def admit(self, requests: list[GroundRequest]) -> list[Sequence]:
+        """Prefill as many of `requests` (in order) as fit into the batch; see BatchScheduler.admit."""
+        return self.scheduler.admit(requests)
+
+    def step(self) -> StepReport:
+        """One decode step of the batch; reports the sequences that ended."""
+        return self.scheduler.step()
+
+    def cancel(self, seq: Sequence) -> None:
+        self.scheduler.cancel(seq)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running or waiting to be reported."""
+        return self.scheduler.idle
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """Device bytes the prefix cache holds now."""
+        return self.scheduler.prefixes.used
+
     def ground(self, prepared: PreparedImage, instruction: str, vision: VisionFeatures | None = None,
-               prompt: str | None = None, max_new_tokens: int | None = None) -> GroundingOutput:
-        """Answer one instruction on a prepared screenshot (greedy decoding).
+               prompt: str | None = None, max_new_tokens: int | None = None,
+               cache_key: Hashable | None = None) -> GroundingOutput:
+        """Answer one instruction on a prepared screenshot (greedy decoding), alone in the batch.
 
         `prompt` overrides DEFAULT_GROUNDING_PROMPT and must contain `{instruction}`. `vision`
         must come from this engine for the same pixels and keep mask (e.g. a previous output's
-        `.vision`). TTFT counts resize + select + patchify + ViT + tokenize + LLM prefill."""
-        text = grounding_prompt(instruction, prompt)
-        budget = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-        if budget < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {budget}")
-        reused = vision is not None
-        vit_seconds = 0.0
-        if vision is None:
-            vision, vit_seconds = self.encode_timed(prepared)
-        start = time.perf_counter()
-        inputs = tokenize(self.processor, user_message(text), [prepared.image_grid_thw], device=self.device,
-                          ids=self._prompt_ids(text))
-        inputs["pixel_values"] = prepared.pixel_values
-        inputs["image_grid_thw"] = torch.tensor([prepared.image_grid_thw], dtype=torch.int64, device=self.device)
-        clock = FirstTokenClock()
-        self._sync()
-        generate_start = time.perf_counter()
-        with torch.inference_mode():
-            out = self.adapter.generate(
-                **inputs, keep=[prepared.keep], vision=vision, max_new_tokens=budget, do_sample=False,
-                streamer=clock, return_dict_in_generate=True, pad_token_id=self._pad_token_id())
-        self._sync()
-        end = time.perf_counter()
-        first = clock.first_token_at if clock.first_token_at is not None else end
-        prompt_tokens = int(inputs["input_ids"].shape[1]) - (prepared.total_blocks - prepared.kept_blocks)
-        return self._output(prepared, out, clock.tokens, vision, reused, prompt_tokens, timings={
-            **prepared.timings, "vit": vit_seconds, "prefill": first - generate_start,
-            "decode_tokens": end - first,
-            "ttft": sum(prepared.timings.values()) + vit_seconds + (first - start)})
-
-    def _prompt_ids(self, text: str) -> np.ndarray:
-        """The chat's token ids for one prompt text, from a small LRU: agents repeat instructions."""
-        ids = self._prompt_cache.pop(text, None)
-        if ids is None:
-            ids = chat_token_ids(self.processor, user_message(text))
-        self._prompt_cache[text] = ids  # most recent last
-        while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
-            self._prompt_cache.pop(next(iter(self._prompt_cache)))
-        return ids
-
-    def _pad_token_id(self) -> int | None:
-        pad = getattr(self.model.generation_config, "pad_token_id", None)
-        return pad if pad is not None else self.processor.tokenizer.pad_token_id
-
-    def _output(self, prepared, out, tokens, vision, reused, prompt_tokens, timings) -> GroundingOutput:
-        raw_text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
-        cache_bytes, cache_tokens = kv_cache_bytes(getattr(out, "past_key_values", None))
-        # The cache returned holds the prompt plus every generated token but the last;
-        # scale to the prompt (what prefill wrote).
-        kv_bytes = cache_bytes // cache_tokens * prompt_tokens if cache_tokens else 0
-        found = parse_point(raw_text)
-        point = None if found is None else point_to_pixels((found.x, found.y), prepared.original_size)
-        normalized = None if found is None else normalize_point((found.x, found.y))
-        return GroundingOutput(
-            raw_text=raw_text, point=point, point_normalized=normalized, kept_blocks=prepared.kept_blocks,
-            total_blocks=prepared.total_blocks, retain_ratio=prepared.kept_blocks / prepared.total_blocks,
-            kv_cache_bytes=kv_bytes, vision=vision, timings=timings, vision_reused=reused,
-            generated_tokens=len(tokens))
+        `.vision`). `cache_key` names the frame for prefix and vision reuse. TTFT counts resize +
+        select + patchify + ViT + tokenize + LLM prefill."""
+        if not self.idle:
+            raise RuntimeError("ground() needs an idle batch; a model worker is driving this engine")
+        request = GroundRequest(prepared=prepared, instruction=instruction, prompt=prompt,
+                                max_new_tokens=max_new_tokens, cache_key=cache_key, vision=vision)
+        (seq,) = self.admit([request])
+        while seq not in self.step().finished:
+            pass
+        if seq.error is not None:
+            raise seq.error
+        return seq.output
 
     def warmup(self) -> GroundingOutput:
         """One tiny request (a 256x250 gradient, resized to 256x256, 2 new tokens) so the first
         real one is not slow; it also compiles the one-axis resize and, on a small grid, every
-        near-exact selector kernel (numba compiles on first use: seconds)."""
+        near-exact selector kernel (numba compiles on first use: seconds), and on CUDA captures
+        the decode step's graphs."""
         ramp = np.linspace(0, 255, 256, dtype=np.float64).astype(np.uint8)
         image = np.stack([np.tile(ramp, (250, 1)), np.tile(ramp[:250, None], (1, 256)),
                           np.full((250, 256), 128, np.uint8)], axis=-1)
         for method in METHODS:
             for metric in METRICS:
                 select_blocks(np.ascontiguousarray(image[:64, :64]), method=method, metric=metric, tau=0.02)
-        return self.ground(self.prepare(image, PruneSettings()), "the centre of the image", max_new_tokens=2)
+        output = self.ground(self.prepare(image, PruneSettings()), "the centre of the image", max_new_tokens=2)
+        self.scheduler.capture_graphs()
+        return output

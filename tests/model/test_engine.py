@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from pixelprune.model.engine import (
-    PROMPT_CACHE_SIZE, GroundingEngine, GroundingOutput, ModelSpec, PruneSettings, checkpoint_has_random_weights, kv_cache_bytes,
-    resolve_attn_implementation, resolve_device, resolve_dtype,
+    PROMPT_CACHE_SIZE, GroundingEngine, GroundingOutput, ModelSpec, PruneSettings, checkpoint_has_random_weights,
+    attention_config, resolve_attn_implementation, resolve_device, resolve_dtype,
 )
 from pixelprune.geometry import resize_to, smart_resize
 from pixelprune.model.pipeline import tokenize, user_message
@@ -163,19 +163,6 @@ def test_outputs_are_frozen(engine, screenshot):
         ModelSpec().model = "x"
 
 
-def test_kv_cache_bytes_of_a_fake_cache():
-    class Layer:
-        def __init__(self, n):
-            self.keys = torch.zeros(1, 2, n, 8)
-            self.values = torch.zeros(1, 2, n, 8)
-
-    class Cache:
-        layers = [Layer(5), Layer(5)]
-
-    assert kv_cache_bytes(Cache()) == (2 * 2 * (2 * 5 * 8) * 4, 5)
-    assert kv_cache_bytes(None) == (0, 0)
-
-
 def test_keep_all_answers_like_the_stock_model(engine, screenshot):
     """Pruning off: the engine's answer equals processor + stock `model.generate` (greedy)."""
     from pixelprune.model.pipeline import user_message
@@ -208,12 +195,26 @@ def test_prompt_ids_are_cached_per_text_and_bounded(engine, screenshot):
     prepared = engine.prepare(screenshot, PruneSettings())
     text = grounding_prompt("the OK button")
     fresh = tokenize(engine.processor, user_message(text), [prepared.image_grid_thw])
-    ids = engine._prompt_ids(text)
-    assert engine._prompt_ids(text) is ids  # second lookup: no template, no tokenizer
+    ids = engine.prompt_ids(text)
+    assert engine.prompt_ids(text) is ids  # second lookup: no template, no tokenizer
     cached = tokenize(engine.processor, user_message(text), [prepared.image_grid_thw], ids=ids)
     assert fresh.keys() == cached.keys()
     assert all(torch.equal(fresh[k], cached[k]) for k in fresh)
     for i in range(PROMPT_CACHE_SIZE + 3):
-        engine._prompt_ids(f"item {i}")
+        engine.prompt_ids(f"item {i}")
     assert len(engine._prompt_cache) == PROMPT_CACHE_SIZE
     assert text not in engine._prompt_cache and f"item {PROMPT_CACHE_SIZE + 2}" in engine._prompt_cache
+
+
+def test_text_attention_must_take_4d_masks(engine):
+    """The batched text model is given 4-D masks: sdpa or eager; the ViT may use flash-attn."""
+    assert attention_config("sdpa") == "sdpa" and attention_config("eager") == "eager"
+    assert attention_config("flash_attention_2") == {"text_config": "sdpa", "vision_config": "flash_attention_2"}
+    text = engine.model.config.text_config
+    saved = text._attn_implementation
+    try:
+        text._attn_implementation = "flash_attention_2"
+        with pytest.raises(ValueError, match="4-D masks"):
+            GroundingEngine(engine.model, engine.processor)
+    finally:
+        text._attn_implementation = saved

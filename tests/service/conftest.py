@@ -26,11 +26,16 @@ def make_server(engine):
     handles = []
 
     def make(warmup: bool = False, **overrides):
-        counting = CountingEngine(engine)
-        base = dict(model="tiny", port=0, metrics_port=0, host="127.0.0.1", max_new_tokens=MAX_NEW_TOKENS)
+        base = dict(model="tiny", port=0, metrics_port=0, host="127.0.0.1", max_new_tokens=MAX_NEW_TOKENS,
+                    max_batch_tokens=8192)
         config = dataclasses.replace(ServiceConfig(), **{**base, **overrides})
-        from service.server import create_server
+        from pixelprune.model.engine import GroundingEngine
+        from service.server import batch_settings, create_server
 
+        # the loaded weights, with this server's own batch and caches (nothing reused across tests)
+        counting = CountingEngine(GroundingEngine(engine.model, engine.processor, max_new_tokens=MAX_NEW_TOKENS,
+                                                  is_random_weights=engine.is_random_weights,
+                                                  batch=batch_settings(config)))
         handle = create_server(config, engine=counting, warmup=warmup)
         handles.append(handle)
         return handle, counting

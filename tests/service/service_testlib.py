@@ -31,6 +31,13 @@ class CountingEngine:
             self.grounded.append(instruction)
         return self._engine.ground(prepared, instruction, vision=vision, **kwargs)
 
+    def admit(self, requests):
+        """The batch's entry (what the model worker calls): records the requests it took."""
+        taken = self._engine.admit(requests)
+        with self.lock:
+            self.grounded.extend(r.instruction for r in requests[:len(taken)])
+        return taken
+
     def __getattr__(self, name):
         return getattr(self._engine, name)
 

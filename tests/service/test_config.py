@@ -79,3 +79,25 @@ def test_session_key_prefix_separates_models_and_answer_lengths():
     assert len(prefix) == len(base.redis_prefix) + 13  # 12 hex digits and a colon
     assert session_key_prefix(same) == prefix
     assert session_key_prefix(other_model) != prefix and session_key_prefix(longer) != prefix
+
+
+def test_batching_flags_and_environment():
+    config = from_args_and_env([], {})
+    assert (config.max_batch_size, config.max_batch_tokens, config.prefix_cache_bytes) == (32, 32768, 1024 * MIB)
+    assert (config.no_cuda_graphs, config.stop_after_point) == (False, False)
+    env = {"PIXELPRUNE_MAX_BATCH_SIZE": "8", "PIXELPRUNE_PREFIX_CACHE_BYTES": "0", "PIXELPRUNE_NO_CUDA_GRAPHS": "yes"}
+    config = from_args_and_env(["--max-batch-tokens", "4096", "--stop-after-point", "--max-batch-size", "4"], env)
+    assert (config.max_batch_size, config.max_batch_tokens, config.prefix_cache_bytes) == (4, 4096, 0)
+    assert (config.no_cuda_graphs, config.stop_after_point) == (True, True)
+    from service.server import batch_settings
+
+    settings = batch_settings(config)
+    assert (settings.max_batch_size, settings.max_batch_tokens, settings.cuda_graphs, settings.stop_after_point,
+            settings.prefix_cache_bytes, settings.vision_cache_size) == (4, 4096, False, True, 0, 32)
+    for argv, fragment in ((["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
+                           (["--max-batch-tokens", "100"], "--max-batch-tokens must be >= 256"),
+                           (["--prefix-cache-bytes", "-1"], "--prefix-cache-bytes must be >= 0")):
+        with pytest.raises(ValueError, match=fragment):
+            from_args_and_env(argv, {})
+    with pytest.raises(ValueError, match="not a boolean"):
+        from_args_and_env([], {"PIXELPRUNE_STOP_AFTER_POINT": "perhaps"})

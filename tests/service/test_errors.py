@@ -34,14 +34,14 @@ def test_status_of(exc, code, message):
 
 def test_a_bug_is_internal_logged_and_the_server_keeps_serving(make_server, channels, caplog):
     handle, counting = make_server()
-    real_ground = counting.ground
+    real_admit = counting.admit
 
-    def ground(prepared, instruction, vision=None, **kwargs):
-        if instruction == "explode":
+    def admit(requests):  # the model worker's entry into the engine
+        if any(r.instruction == "explode" for r in requests):
             return {}["no such key"]
-        return real_ground(prepared, instruction, vision=vision, **kwargs)
+        return real_admit(requests)
 
-    counting.ground = ground
+    counting.admit = admit
     stub = stub_for(channels(handle.port))
     pixels = np.full((256, 256, 3), 7, np.uint8)
     with caplog.at_level(logging.ERROR, logger="service.errors"):

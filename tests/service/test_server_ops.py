@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pixelprune.points import grounding_prompt
 from pixelprune_api.grounding.v1 import grounding_pb2 as pb
 from net_testlib import free_port
 from service_testlib import FrameFeed, png_bytes, raw_image, scrape, stub_for
@@ -170,8 +171,8 @@ def test_deadline_expired_while_queued_is_not_run(make_server, channels, small):
 def test_deadline_passing_while_the_model_runs_is_not_counted_as_ok(make_server, channels, small):
     """The client got DEADLINE_EXCEEDED; the request metric must say so, not OK."""
     handle, counting = make_server()
-    real_ground = counting.ground
-    counting.ground = lambda *args, **kwargs: (time.sleep(1.5), real_ground(*args, **kwargs))[1]
+    real_admit = counting.admit
+    counting.admit = lambda requests: (time.sleep(1.5), real_admit(requests))[1]  # a slow prefill
     stub = stub_for(channels(handle.port))
     code = _code(lambda: stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="slow"), timeout=0.5))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -269,15 +270,23 @@ METRICS = ["pixelprune_request_duration_seconds", "pixelprune_ttft_seconds", "pi
            "pixelprune_retain_ratio", "pixelprune_visual_tokens_total", "pixelprune_kv_cache_bytes",
            "pixelprune_kv_cache_in_use_bytes", "pixelprune_queue_depth", "pixelprune_queue_wait_seconds",
            "pixelprune_frame_cache_queries_total", "pixelprune_frame_cache_hits_total",
-           "pixelprune_changed_block_fraction", "pixelprune_redis_errors_total"]
+           "pixelprune_changed_block_fraction", "pixelprune_redis_errors_total", "pixelprune_batch_size",
+           "pixelprune_time_per_output_token_seconds", "pixelprune_prefix_cache_bytes",
+           "pixelprune_prefix_cache_queries_total", "pixelprune_prefix_cache_hits_total"]
 
 
 def test_every_metric_is_exported_and_moves(make_server, channels, redis_server, small):
     handle, counting = make_server(redis_url=redis_server.url)
-    seen_in_use = []
-    real_ground = counting.ground
+    seen_in_use, steps = [], []
+    real_step = counting.step
     gauge = lambda: handle.metrics.registry.get_sample_value("pixelprune_kv_cache_in_use_bytes")  # noqa: E731
-    counting.ground = lambda *a, **k: (seen_in_use.append(gauge()), real_ground(*a, **k))[1]
+
+    def step():  # the gauge as the previous decode step left it, and what each step reports
+        seen_in_use.append(gauge())
+        steps.append(real_step())
+        return steps[-1]
+
+    counting.step = step
     before = scrape(handle.metrics_port)
     for name in METRICS:
         assert any(key.split("{")[0].startswith(name) for key in before), name
@@ -305,9 +314,23 @@ def test_every_metric_is_exported_and_moves(make_server, channels, redis_server,
     assert after["pixelprune_frame_cache_queries_total"] == 4 and after["pixelprune_frame_cache_hits_total"] == 1
     assert after["pixelprune_changed_block_fraction_count"] == 1  # the cache hit: the only frame with a previous one
     assert after["pixelprune_redis_errors_total"] >= 1
-    # KV in use: an estimate while the model runs (exact once the prompt length is known), 0 when idle.
-    assert all(v > 0 for v in seen_in_use) and after["pixelprune_kv_cache_in_use_bytes"] == 0
-    assert second.kept_blocks == first.kept_blocks and len(seen_in_use) == 3
+    # KV in use: what the running sequences hold after each decode step (prompt + tokens fed), 0 when idle
+    decoded = [r for r in steps if r.batch_size]
+    assert seen_in_use[1:] == [float(r.kv_bytes) for r in steps[:-1]] and after["pixelprune_kv_cache_in_use_bytes"] == 0
+    assert after["pixelprune_batch_size_count"] == len(decoded)
+    assert after["pixelprune_batch_size_sum"] == sum(r.batch_size for r in decoded)
+    per_token = 4 * 2 * 2 * 32 * 4  # tiny model: layers x (K, V) x kv heads x head dim x fp32
+    assert any(r.kv_bytes == first.kv_cache_bytes + per_token for r in decoded)  # the prompt + one fed token
+    assert second.kept_blocks == first.kept_blocks and second.kv_cache_bytes == first.kv_cache_bytes
+    ended = [seq for r in steps for seq in r.finished]
+    assert len(ended) == 3
+    assert after["pixelprune_time_per_output_token_seconds_count"] == sum(len(seq.tokens) > 1 for seq in ended)
+    # prefix cache: 3 model runs looked; the last (raw bytes of the "n" frame, new instruction) reused it.
+    # Two prefixes are held (PNG and raw bytes differ): the prompt up to the last image token.
+    assert (after["pixelprune_prefix_cache_queries_total"], after["pixelprune_prefix_cache_hits_total"]) == (3, 1)
+    ids = counting.prompt_ids(grounding_prompt("a"))
+    after_image = len(ids) - 1 - int(np.flatnonzero(ids == counting.model.config.image_token_id)[0])
+    assert after["pixelprune_prefix_cache_bytes"] == 2 * (first.kv_cache_bytes - after_image * per_token)
 
 
 def test_cancelled_stream_stops_consuming_work(make_server, channels, small):

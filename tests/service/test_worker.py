@@ -1,4 +1,4 @@
-"""The model worker (bounded queue, deadlines, cancellation) and the vision LRU, with real threads."""
+"""The model worker (bounded queue, deadlines, cancellation) with real threads, and the frame key."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from service.cache import LRUCache, vision_key
+from service.cache import vision_key
 from service.errors import Cancelled, DeadlineExpired, QueueFull
 from service.worker import ModelWorker
 
@@ -97,33 +97,6 @@ def test_submit_racing_with_stop_is_failed_not_left_hanging():
     with pytest.raises(QueueFull, match="shutting down"):
         future.result(timeout=1)
     assert w.depth == 0
-
-
-def test_lru_evicts_least_recently_used():
-    cache = LRUCache(2)
-    cache.put("a", 1), cache.put("b", 2)
-    assert cache.get("a") == 1  # a is now the most recent
-    cache.put("c", 3)
-    assert cache.get("b") is None and cache.get("a") == 1 and cache.get("c") == 3
-    assert (cache.hits, cache.misses, len(cache)) == (3, 1, 2)
-    off = LRUCache(0)
-    off.put("a", 1)
-    assert off.get("a") is None
-    with pytest.raises(ValueError):
-        LRUCache(-1)
-
-
-def test_lru_is_thread_safe():
-    cache = LRUCache(8)
-
-    def hammer(offset):
-        for i in range(2000):
-            cache.put((offset, i % 16), i)
-            cache.get((offset, (i + 3) % 16))
-
-    threads = [threading.Thread(target=hammer, args=(k,)) for k in range(4)]
-    [t.start() for t in threads], [t.join() for t in threads]
-    assert len(cache) == 8 and cache.hits + cache.misses == 8000
 
 
 def test_vision_key_separates_settings_and_sizes():

@@ -1,0 +1,60 @@
+"""What goes into the engine's batch (`GroundRequest`), what comes out (`GroundingOutput`),
+and the limits of the batch (`BatchSettings`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Hashable
+
+if TYPE_CHECKING:  # annotations only: this module loads without torch (the service imports it)
+    from pixelprune.model.adapter import VisionFeatures
+    from pixelprune.model.pipeline import PreparedImage
+
+GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    max_batch_size: int = 32  # sequences decoded together (rows of the batch)
+    max_batch_tokens: int = 32768  # KV-cache positions the batch may hold: rows x slot length (the longest
+    #                                 running prompt + its new tokens, rounded up to a length bucket)
+    cuda_graphs: bool = True  # on CUDA, replay the decode step from CUDA graphs (ignored on CPU)
+    stop_after_point: bool = False  # finish an answer as soon as its text holds a closed point
+    prefix_cache_bytes: int = GIB  # device bytes of cached prompt prefixes (keys/values), LRU; 0 = off
+    vision_cache_size: int = 32  # vision-encoder outputs kept per cache key (entries, LRU); 0 = off
+
+    def __post_init__(self):
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_batch_tokens < 256:
+            raise ValueError(f"max_batch_tokens must be >= 256, got {self.max_batch_tokens}")
+        if self.prefix_cache_bytes < 0 or self.vision_cache_size < 0:
+            raise ValueError("prefix_cache_bytes and vision_cache_size must be >= 0")
+
+
+@dataclass(frozen=True)
+class GroundRequest:
+    prepared: PreparedImage  # the screenshot: resized, selected, patchified
+    instruction: str  # what to find
+    prompt: str | None = None  # template containing {instruction}; None = DEFAULT_GROUNDING_PROMPT
+    max_new_tokens: int | None = None  # generation budget; None = the engine's
+    cache_key: Hashable | None = None  # identity of (tenant, frame content, pruning, resized size) for
+    #                                     prefix and vision reuse; None = no reuse
+    vision: VisionFeatures | None = None  # vision features of these pixels and keep mask (skips the ViT)
+
+
+@dataclass(frozen=True)
+class GroundingOutput:
+    raw_text: str  # the model's answer, special tokens removed
+    point: tuple[float, float] | None  # click point in pixels of the ORIGINAL screenshot, or None
+    point_normalized: tuple[float, float] | None  # the same point in 0..1 of width/height, or None
+    kept_blocks: int  # visual tokens the model saw
+    total_blocks: int  # visual tokens of the full resized image
+    retain_ratio: float  # kept_blocks / total_blocks
+    kv_cache_bytes: int  # key+value bytes of the prompt's KV cache (after prefill)
+    vision: VisionFeatures | None  # the vision features used (pass back as vision=); None when a cached
+    #                                prefix made them unnecessary and none were kept
+    timings: dict  # seconds: resize, select, patchify, vit, prefill, decode_tokens, ttft
+    vision_reused: bool  # the ViT did not run (features given or cached, or a cached prefix)
+    generated_tokens: int  # tokens generated, including the first (and an end-of-turn token)
+    prefix_reused: bool = False  # the prompt prefix's keys/values came from the prefix cache
