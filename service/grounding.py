@@ -30,7 +30,7 @@ from service.cache import LRUCache, vision_key
 from service.errors import DeadlineExpired
 from service.images import RawImage, decode_image
 from service.metrics import ServiceMetrics
-from service.sessions import CachedAnswer, SessionState, SessionStore
+from service.sessions import CachedAnswer, SessionState, SessionStore, session_key
 from service.worker import ModelWorker
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -42,6 +42,12 @@ class GroundQuery:
     instruction: str  # what to find
     session_id: str  # "" = no session
     pruning: PruneSettings  # resolved at the edge (request fields over the server's defaults)
+    tenant: str = ""  # the caller's tenant (service/auth.py); sessions and caches are per tenant
+
+    @property
+    def session_key(self) -> str:
+        """The session's key in the store: the session id within the caller's tenant."""
+        return session_key(self.tenant, self.session_id)
 
 
 @dataclass(frozen=True)
@@ -125,13 +131,14 @@ class Grounder:
         self.validate(query)
         settings, key = query.pruning, query.pruning.key
         src = source_digest(query.image)
-        previous = self.store.get(query.session_id) if query.session_id else None
+        previous = self.store.get(query.session_key) if query.session_id else None
         if self._same_request(previous, query.instruction, key) and previous.source_digest == src:
             return self._from_session(query, previous, src, arrival, decode_s=0.0)
         t0 = time.perf_counter()
         pixels = decode_image(query.image, self.max_image_pixels)
         decode_s = time.perf_counter() - t0
         prepared = self.engine.prepare(pixels, settings)
+        del pixels  # the decoded screenshot: freed before waiting for the model (prepared holds the resized one)
         # Block hashes serve only the session (compare, save): without one, no pass over the pixels.
         hashes = block_hashes(prepared.pixels) if query.session_id else None
         changed = 1.0 if hashes is None else changed_fraction(previous, hashes)
@@ -145,7 +152,7 @@ class Grounder:
         content = previous.content_key if same_blocks and tuple(previous.settings) == key else src
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExpired("deadline expired before the model ran")
-        vkey = vision_key(content, key, prepared.resized_size)
+        vkey = vision_key(content, key, prepared.resized_size) + (query.tenant,)  # no probing across tenants
         job = self.worker.run(lambda: self._model_step(prepared, query.instruction, vkey),
                               deadline=deadline, is_active=is_active, wait_while=wait_while)
         output, started = job.value
@@ -153,7 +160,7 @@ class Grounder:
                               kept_blocks=output.kept_blocks, total_blocks=output.total_blocks)
         if query.session_id:
             self.metrics.record_frame_cache(hit=False)
-            self.store.put(query.session_id, SessionState(
+            self.store.put(query.session_key, SessionState(
                 original_size=prepared.original_size, resized_size=prepared.resized_size,
                 block_hashes=hashes.astype("<u8", copy=False).tobytes(), source_digest=src, content_key=content,
                 instruction=query.instruction, settings=key, answer=answer))
@@ -198,7 +205,7 @@ class Grounder:
             previous = replace(previous, source_digest=src)
         else:  # the fast path: the changed fraction (0) was not recorded yet
             self.metrics.record_changed_fraction(0.0)
-        self.store.put(query.session_id, previous)
+        self.store.put(query.session_key, previous)
         return self._answer(query, previous.answer, 0.0, True, False, previous.original_size,
                             previous.resized_size, {"decode": decode_s}, arrival)
 

@@ -27,7 +27,8 @@ def make_server(engine):
 
     def make(warmup: bool = False, **overrides):
         counting = CountingEngine(engine)
-        base = dict(model="tiny", port=0, metrics_port=0, host="127.0.0.1", max_new_tokens=MAX_NEW_TOKENS)
+        base = dict(model="tiny", port=0, metrics_port=0, health_port=0, host="127.0.0.1",
+                    max_new_tokens=MAX_NEW_TOKENS)
         config = dataclasses.replace(ServiceConfig(), **{**base, **overrides})
         from service.server import create_server
 

@@ -321,8 +321,11 @@ def test_cancelled_stream_stops_consuming_work(make_server, channels, small):
     release.set()
     _wait_until(lambda: handle.worker.skipped == 1 and handle.worker.depth == 0)
     assert counting.grounded == []
-    _wait_until(lambda: handle.metrics.registry.get_sample_value(
-        "pixelprune_request_duration_seconds_count", {"rpc": "GroundStream", "code": "CANCELLED"}) == 1)
+    sample = handle.metrics.registry.get_sample_value
+    _wait_until(lambda: sample("pixelprune_streams_total", {"code": "CANCELLED"}) == 1)
+    assert sample("pixelprune_stream_frame_duration_seconds_count", {"code": "CANCELLED"}) == 1
+    assert sample("pixelprune_streams_total", {"code": "OK"}) == 0
+    assert sample("pixelprune_request_duration_seconds_count", {"rpc": "GroundStream", "code": "CANCELLED"}) is None
 
 
 def test_tls(make_server, tmp_path, small):
