@@ -82,6 +82,7 @@ class ServiceMetrics:
             "pixelprune_stream_skipped_frames_total",
             "GroundStream frames never answered: replaced by a newer frame, or pending when the stream ended.",
             registry=r)
+        self.open_streams = Gauge("pixelprune_open_streams", "GroundStream calls open now.", registry=r)
         self.inflight_pixels = Gauge("pixelprune_inflight_pixels",
                                      "Decoded pixels of the images admitted and not yet answered.", registry=r)
         self.inflight_pixels_limit = Gauge("pixelprune_inflight_pixels_limit",
@@ -105,6 +106,13 @@ class ServiceMetrics:
     def record_skipped_frames(self, count: int) -> None:
         if count:
             self.stream_skipped_frames.inc(count)
+
+    def record_stream_open(self, opened: bool) -> None:
+        """A GroundStream call began (True) or ended (False)."""
+        if opened:
+            self.open_streams.inc()
+        else:
+            self.open_streams.dec()
 
     def record_inflight_pixels(self, pixels: int) -> None:
         self.inflight_pixels.set(pixels)

@@ -61,6 +61,7 @@ class ServerHandle:
     _stopped: threading.Event = field(default_factory=threading.Event)
     health_port: int | None = None  # the bound port of the health-only server (None = off)
     _health_server: grpc.Server | None = None
+    admission: Admission | None = None  # instruction limits, header checks and pixel budget of the servicer
 
     def warmup(self) -> None:
         """Run the engine's warm-up request on the model worker (and compile the block hash
@@ -188,8 +189,9 @@ def create_server(config: ServiceConfig, engine=None, registry: CollectorRegistr
     grounder = Grounder(engine, _session_store(config, metrics), LRUCache(config.vision_cache_size), worker,
                         metrics, config.max_image_pixels, config.max_instruction_chars)
     server = _grpc_server(config, metrics, tenants)
-    pb_grpc.add_GroundingServicer_to_server(GroundingServicer(grounder, metrics, config.prune, _admission(
-        config, engine, metrics), config.stream_idle_timeout_s), server)
+    admission = _admission(config, engine, metrics)
+    pb_grpc.add_GroundingServicer_to_server(
+        GroundingServicer(grounder, metrics, config.prune, admission, config.stream_idle_timeout_s), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -212,7 +214,8 @@ def create_server(config: ServiceConfig, engine=None, registry: CollectorRegistr
     server.start()
     handle = ServerHandle(server=server, port=port, metrics_port=metrics_server.port if metrics_server else None,
                           grounder=grounder, metrics=metrics, health=health_servicer, worker=worker,
-                          _metrics_server=metrics_server, health_port=health_port, _health_server=health_server)
+                          _metrics_server=metrics_server, health_port=health_port, _health_server=health_server,
+                          admission=admission)
     if warmup:
         handle.warmup()
     return handle

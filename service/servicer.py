@@ -157,6 +157,7 @@ class GroundingServicer(pb_grpc.GroundingServicer):
         context.add_callback(slot.close)  # cancellation or end of RPC wakes the responder
         threading.Thread(target=read_frames, daemon=True, name="pixelprune-stream-reader", args=(
             request_iterator, slot, self.defaults, current_tenant(), self.admission.instructions.check)).start()
+        self.metrics.record_stream_open(True)
         try:
             while (item := slot.take()) is not None:
                 pending, skipped = item
@@ -165,6 +166,7 @@ class GroundingServicer(pb_grpc.GroundingServicer):
                 yield to_pb(answer, skipped_frames=skipped, sequence=pending.sequence)
                 slot.answered()
         finally:
+            self.metrics.record_stream_open(False)
             dropped = slot.abandon()
             self.metrics.record_skipped_frames(dropped)
             context.set_trailing_metadata(((SKIPPED_FRAMES_KEY, str(dropped)),))

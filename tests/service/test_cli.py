@@ -29,7 +29,7 @@ def test_missing_model(capsys, tmp_path):
     assert err[-1].startswith("pixelprune serve: error: cannot load model") and "Traceback" not in "".join(err)
 
 
-@pytest.mark.parametrize("which", ["port", "metrics_port"])
+@pytest.mark.parametrize("which", ["port", "metrics_port", "health_port"])
 def test_busy_ports(engine, which):
     from service.server import create_server
 
@@ -37,8 +37,9 @@ def test_busy_ports(engine, which):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         taken = busy.getsockname()[1]
-        ports = {"port": 0, "metrics_port": 0, which: taken}
+        ports = {"port": 0, "metrics_port": 0, "health_port": 0, which: taken}
         config = dataclasses.replace(ServiceConfig(), model="tiny", host="127.0.0.1", **ports)
-        expected = "cannot bind gRPC to" if which == "port" else "cannot serve metrics on"
+        expected = {"port": "cannot bind gRPC to", "metrics_port": "cannot serve metrics on",
+                    "health_port": "cannot bind the health server to"}[which]
         with pytest.raises(ValueError, match=f"{expected} 127.0.0.1:{taken}"):
             create_server(config, engine=engine, warmup=False)
