@@ -47,10 +47,10 @@ class ServiceConfig:
     prune: PruneSettings = PruneSettings()  # default pruning (requests may override each field)
     log_level: str = "INFO"  # Python logging level name
     # --- hardening (issue 11) ---
-    max_inflight_pixels: int = 100_000_000  # decoded pixels (width*height) of the images in flight, all RPCs together
+    max_inflight_pixels: int = 50_000_000  # decoded pixels (width*height) of the images in flight, all RPCs together
     max_instruction_tokens: int = 512  # longest instruction accepted (tokens, special tokens counted as text)
     stream_idle_timeout_s: float = 60.0  # a stream with no frame for this long (nothing pending) is closed; 0 = never
-    health_port: int = 50061  # plaintext grpc.health.v1 server outside --max-concurrent-rpcs (0 = any, -1 = off)
+    health_port: int = 0  # plaintext grpc.health.v1 server outside --max-concurrent-rpcs (0 = any free port, -1 = off)
     drain_delay_s: float = 5.0  # on SIGTERM: seconds of NOT_SERVING while still serving, before the drain grace
 
     def validate(self) -> "ServiceConfig":

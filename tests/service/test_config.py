@@ -20,7 +20,7 @@ def test_defaults_are_the_documented_ones():
     assert config.prune == PruneSettings(enabled=True, method="pred2d", metric="max", tau=0.0)
     assert config.redis_url is None and config.auth_token_file is None
     assert (config.max_inflight_pixels, config.max_instruction_tokens, config.stream_idle_timeout_s,
-            config.health_port, config.drain_delay_s) == (100_000_000, 512, 60.0, 50061, 5.0)
+            config.health_port, config.drain_delay_s) == (50_000_000, 512, 60.0, 0, 5.0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.port = 1
 

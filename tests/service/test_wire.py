@@ -125,7 +125,7 @@ def test_every_code_series_exists_from_the_start_and_no_created_series(make_serv
         assert samples[f"pixelprune_streams_total{{code={code}}}"] == 0
     assert not [name for name in samples if "_created" in name]
     assert samples["pixelprune_inflight_pixels"] == 0 and samples["pixelprune_open_streams"] == 0
-    assert samples["pixelprune_inflight_pixels_limit"] == 100_000_000
+    assert samples["pixelprune_inflight_pixels_limit"] == 50_000_000
 
 
 def test_stream_answers_raw_frames_after_the_guard(make_server, channels):
