@@ -82,6 +82,7 @@ class ServiceConfig:
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):
                 raise ValueError(f"--{name.replace('_', '-')}: no such file: {path}")
+        self.auth_tenants()  # a malformed token file is reported now, not after the model has loaded
         return self
 
     def _hardening_checks(self) -> list[tuple[bool, str]]:

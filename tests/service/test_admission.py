@@ -71,21 +71,21 @@ def test_budget_refuses_unary_at_once_and_serves_waiters_in_order():
     big = threading.Thread(target=waiter, args=("big", 90))
     big.start()
     _wait_until(lambda: started == ["big"] and len(budget._waiters) == 1)
-    small = threading.Thread(target=waiter, args=("small", 10))
+    small = threading.Thread(target=waiter, args=("small", 20))
     small.start()
     _wait_until(lambda: len(budget._waiters) == 2)
     with pytest.raises(QueueFull):  # 10 pixels would fit, but two streams wait before it
         budget.try_acquire(10)
     time.sleep(0.2)
-    assert order == []  # "small" fits (60 + 10 <= 100) but does not overtake "big"
+    assert order == []  # "small" fits (60 + 20 <= 100) but does not overtake "big"
     budget.release(60)
     big.join(5)
     assert order == ["big"] and budget.in_use == 90
     budget.release(90)
     small.join(5)
-    assert order == ["big", "small"] and budget.in_use == 10
-    budget.release(10)
-    assert seen == [60, 0, 90, 0, 10, 0] and budget.in_use == 0
+    assert order == ["big", "small"] and budget.in_use == 20  # 90 + 20 > 100: "small" waited for "big"
+    budget.release(20)
+    assert seen == [60, 0, 90, 0, 20, 0] and budget.in_use == 0
 
 
 def test_waiter_gives_up_when_no_longer_wanted():
