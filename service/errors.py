@@ -163,4 +163,15 @@ class DecodeGuard(grpc.ServerInterceptor):
         if (handler is None or handler.request_deserializer is None
                 or not handler_call_details.method.startswith(self._prefixes)):
             return handler
-        return handler._replace(request_deserializer=tolerant(handler.request_deserializer))
+        return _with_deserializer(handler, tolerant(handler.request_deserializer))
+
+
+def _with_deserializer(handler, deserializer):
+    """The same method handler with another request deserializer (grpc's public constructors)."""
+    kind = {(False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+            (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+            (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+            (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler)}
+    behaviour, make = kind[(handler.request_streaming, handler.response_streaming)]
+    return make(getattr(handler, behaviour), request_deserializer=deserializer,
+                response_serializer=handler.response_serializer)

@@ -114,6 +114,9 @@ class ServiceMetrics:
         else:
             self.open_streams.dec()
 
+    def record_pixel_budget(self, pixels: int) -> None:
+        self.inflight_pixels_limit.set(pixels)
+
     def record_inflight_pixels(self, pixels: int) -> None:
         self.inflight_pixels.set(pixels)
 

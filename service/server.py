@@ -153,7 +153,7 @@ def _bind(server: grpc.Server, config: ServiceConfig) -> int:
 
 def _admission(config: ServiceConfig, engine, metrics: ServiceMetrics) -> Admission:
     """Instruction limits (with the engine's tokenizer) and the pixel budget of one server."""
-    metrics.inflight_pixels_limit.set(config.max_inflight_pixels)
+    metrics.record_pixel_budget(config.max_inflight_pixels)
     return Admission(InstructionLimits(engine.processor.tokenizer, config.max_instruction_chars,
                                        config.max_instruction_tokens),
                      PixelBudget(config.max_inflight_pixels, on_change=metrics.record_inflight_pixels),
