@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import random
 import shutil
 import signal
@@ -109,6 +108,11 @@ class Server:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=120)
+
+
+def status_name(status) -> str:
+    """A health answer (a ServingStatus value) or a gRPC status code, by name."""
+    return getattr(status, "name", None) or health_pb2.HealthCheckResponse.ServingStatus.Name(status)
 
 
 def code_of(fn) -> str:
@@ -237,7 +241,8 @@ def idle(model: str, args) -> dict:
             gate.set()
         after = code_of(lambda: server.stub().Ground(pb.GroundRequest(
             image=pb.Image(encoded=SCREENSHOT.read_bytes()), instruction="x"), timeout=120))
-        return {"silent_streams": limit, "main_port_health": str(main_health), "health_port": str(health_port),
+        return {"silent_streams": limit, "main_port_health": status_name(main_health),
+                "health_port": status_name(health_port),
                 "stream_codes": dict(codes), "all_closed_after_s": round(closed_after, 1), "then_ground": after}
     finally:
         server.stop()
