@@ -9,8 +9,10 @@ default. The result is a frozen `ServiceConfig` passed explicitly from there on.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -49,6 +51,12 @@ class ServiceConfig:
     no_cuda_graphs: bool = False  # decode eagerly on CUDA (no graph capture)
     stop_after_point: bool = False  # end an answer as soon as it holds a closed point
     prefix_cache_bytes: int = 1024 * MIB  # device bytes of cached prompt prefixes (LRU; 0 = off)
+    # --- hardening (issue 11) ---
+    max_inflight_pixels: int = 50_000_000  # decoded pixels (width*height) of the images in flight, all RPCs together
+    max_instruction_tokens: int = 512  # longest instruction accepted (tokens, special tokens counted as text)
+    stream_idle_timeout_s: float = 60.0  # a stream with no frame for this long (nothing pending) is closed; 0 = never
+    health_port: int = 0  # plaintext grpc.health.v1 server outside --max-concurrent-rpcs (0 = any free port, -1 = off)
+    drain_delay_s: float = 5.0  # on SIGTERM: seconds of NOT_SERVING while still serving, before the drain grace
 
     def validate(self) -> "ServiceConfig":
         """Raise ValueError (one line) for a setting that cannot work; return self."""
@@ -74,6 +82,7 @@ class ServiceConfig:
             (self.max_batch_tokens >= 256, f"--max-batch-tokens must be >= 256, got {self.max_batch_tokens}"),
             (self.prefix_cache_bytes >= 0, f"--prefix-cache-bytes must be >= 0, got {self.prefix_cache_bytes}"),
         ]
+        checks += self._hardening_checks()
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -81,17 +90,64 @@ class ServiceConfig:
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):
                 raise ValueError(f"--{name.replace('_', '-')}: no such file: {path}")
+        self.auth_tenants()  # a malformed token file is reported now, not after the model has loaded
         return self
 
-    def auth_token(self) -> str | None:
-        """The bearer token from auth_token_file (stripped), or None when auth is off."""
+    def _hardening_checks(self) -> list[tuple[bool, str]]:
+        return [
+            (self.max_inflight_pixels >= self.max_image_pixels,
+             f"--max-inflight-pixels ({self.max_inflight_pixels}) must be >= --max-image-pixels "
+             f"({self.max_image_pixels}), or the largest image allowed could never be admitted"),
+            (self.max_instruction_tokens >= 1, "--max-instruction-tokens must be >= 1"),
+            (self.stream_idle_timeout_s >= 0 and math.isfinite(self.stream_idle_timeout_s),
+             "--stream-idle-timeout-s must be >= 0 (0 = never)"),
+            (-1 <= self.health_port <= 65535, f"--health-port must be in -1..65535, got {self.health_port}"),
+            (self.health_port <= 0 or self.health_port not in (self.port, self.metrics_port),
+             f"--health-port {self.health_port} is already the gRPC or metrics port"),
+            (self.drain_delay_s >= 0 and math.isfinite(self.drain_delay_s), "--drain-delay-s must be >= 0"),
+        ]
+
+    def auth_tenants(self) -> dict[str, str] | None:
+        """token -> tenant from auth_token_file (format: `parse_token_file`), or None when auth is off."""
         if self.auth_token_file is None:
             return None
         with open(self.auth_token_file, encoding="utf-8") as f:
-            token = f.read().strip()
-        if not token:
-            raise ValueError(f"--auth-token-file {self.auth_token_file} is empty")
-        return token
+            return parse_token_file(f.read(), self.auth_token_file)
+
+
+TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def bare_token_tenant(token: str) -> str:
+    """The tenant of a file holding one bare token: named after a digest of the token, so servers
+    with different tokens sharing one Redis keep their sessions apart, and replicas sharing a token
+    share them."""
+    return "token-" + hashlib.blake2b(token.encode(), digest_size=8, person=b"pixelprune-tnt").hexdigest()
+
+
+def parse_token_file(text: str, path: str = "--auth-token-file") -> dict[str, str]:
+    """token -> tenant. Either one bare token (the whole file; tenant `bare_token_tenant`), or one
+    `TENANT TOKEN` pair per line (blank lines and lines starting with # ignored; a tenant
+    may have several tokens, e.g. while rotating; a token belongs to one tenant)."""
+    lines = [line.split() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        raise ValueError(f"--auth-token-file {path} is empty")
+    if len(lines) == 1 and len(lines[0]) == 1:
+        return {lines[0][0]: bare_token_tenant(lines[0][0])}
+    tenants: dict[str, str] = {}
+    for number, fields in enumerate(lines, start=1):
+        if len(fields) != 2:
+            raise ValueError(f"--auth-token-file {path}: entry {number} must be `TENANT TOKEN`, got {len(fields)} "
+                             f"field(s)")
+        tenant, token = fields
+        if not TENANT_NAME.fullmatch(tenant):
+            raise ValueError(f"--auth-token-file {path}: tenant {tenant!r} must be 1..64 characters of "
+                             f"[A-Za-z0-9._-]")
+        if token in tenants:
+            raise ValueError(f"--auth-token-file {path}: a token is listed twice (tenants {tenants[token]!r} and "
+                             f"{tenant!r})")
+        tenants[token] = tenant
+    return tenants
 
 
 def _bool(text: str) -> bool:
@@ -136,6 +192,14 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("max_batch_size", "--max-batch-size", int, "sequences decoded together"),
     ("max_batch_tokens", "--max-batch-tokens", int, "KV-cache positions of the batch (rows x longest sequence)"),
     ("prefix_cache_bytes", "--prefix-cache-bytes", int, "device bytes of cached prompt prefixes (0 = off)"),
+    # --- hardening (issue 11) ---
+    ("max_inflight_pixels", "--max-inflight-pixels", int,
+     "decoded pixels of the images in flight across all RPCs (size from the pod's memory, see README)"),
+    ("max_instruction_tokens", "--max-instruction-tokens", int, "longest instruction, tokens"),
+    ("stream_idle_timeout_s", "--stream-idle-timeout-s", float,
+     "close a stream that sends no frame this long (0 = never)"),
+    ("health_port", "--health-port", int, "plaintext health server outside the RPC limit (0 = any, -1 = off)"),
+    ("drain_delay_s", "--drain-delay-s", float, "seconds of NOT_SERVING on SIGTERM before stopping the listener"),
 ]
 # On/off switches: (field, flag, help); PIXELPRUNE_<FLAG> takes true/false.
 _SWITCHES: list[tuple[str, str, str]] = [

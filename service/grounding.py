@@ -34,7 +34,7 @@ from service.cache import vision_key
 from service.errors import DeadlineExpired
 from service.images import RawImage, decode_image
 from service.metrics import ServiceMetrics
-from service.sessions import CachedAnswer, SessionState, SessionStore
+from service.sessions import CachedAnswer, SessionState, SessionStore, session_key
 from service.worker import ModelWorker
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -46,7 +46,12 @@ class GroundQuery:
     instruction: str  # what to find
     session_id: str  # "" = no session
     pruning: PruneSettings  # resolved at the edge (request fields over the server's defaults)
-    tenant: str = ""  # who sent it (caches never cross tenants); "" = the one tenant of this server
+    tenant: str = ""  # the caller's tenant (service/auth.py); sessions and caches are per tenant
+
+    @property
+    def session_key(self) -> str:
+        """The session's key in the store: the session id within the caller's tenant."""
+        return session_key(self.tenant, self.session_id)
 
 
 @dataclass(frozen=True)
@@ -128,13 +133,14 @@ class Grounder:
         self.validate(query)
         settings, key = query.pruning, query.pruning.key
         src = source_digest(query.image)
-        previous = self.store.get(query.session_id) if query.session_id else None
+        previous = self.store.get(query.session_key) if query.session_id else None
         if self._same_request(previous, query.instruction, key) and previous.source_digest == src:
             return self._from_session(query, previous, src, arrival, decode_s=0.0)
         t0 = time.perf_counter()
         pixels = decode_image(query.image, self.max_image_pixels)
         decode_s = time.perf_counter() - t0
         prepared = self.engine.prepare(pixels, settings)
+        del pixels  # the decoded screenshot: freed before waiting for the model (prepared holds the resized one)
         # Block hashes serve only the session (compare, save): without one, no pass over the pixels.
         hashes = block_hashes(prepared.pixels) if query.session_id else None
         changed = 1.0 if hashes is None else changed_fraction(previous, hashes)
@@ -158,7 +164,7 @@ class Grounder:
                               keep_shape=(rows, cols), keep_bits=keep_bits)
         if query.session_id:
             self.metrics.record_frame_cache(hit=False)
-            self.store.put(query.session_id, SessionState(
+            self.store.put(query.session_key, SessionState(
                 original_size=prepared.original_size, resized_size=prepared.resized_size,
                 block_hashes=hashes.astype("<u8", copy=False).tobytes(), source_digest=src, content_key=content,
                 instruction=query.instruction, settings=key, answer=answer))
@@ -197,7 +203,7 @@ class Grounder:
             previous = replace(previous, source_digest=src)
         else:  # the fast path: the changed fraction (0) was not recorded yet
             self.metrics.record_changed_fraction(0.0)
-        self.store.put(query.session_id, previous)
+        self.store.put(query.session_key, previous)
         return self._answer(query, previous.answer, changed=0.0, cache_hit=True, vision_hit=False,
                             image_size=previous.original_size, model_size=previous.resized_size,
                             timings={"decode": decode_s}, arrival=arrival)

@@ -12,7 +12,8 @@ import threading
 from dataclasses import dataclass
 from typing import Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
+                               start_http_server)
 
 # Seconds: 1 ms .. 60 s, roughly x2.5 per step.
 TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0)
@@ -21,6 +22,12 @@ BYTES_BUCKETS = tuple(float(4 ** k * 1024) for k in range(3, 14))  # 64 KiB .. 6
 STAGES = ("decode", "resize", "select", "patchify", "vit", "prefill", "decode_tokens")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # sequences per decode step
 TPOT_BUCKETS = (0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
+# Every status code the service reports; their series exist from the start, so the first burst of
+# any of them shows in rate()/increase() (a series born with a value has no earlier 0 to compare).
+CODES = ("OK", "CANCELLED", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED",
+         "INTERNAL")
+UNARY_RPCS = ("Ground",)  # observed in pixelprune_request_duration_seconds, one observation per call
+STREAM_RPCS = ("GroundStream",)  # counted in pixelprune_streams_total; each frame in the frame histogram
 
 
 class ServiceMetrics:
@@ -59,8 +66,6 @@ class ServiceMetrics:
         self.redis_errors = Counter("pixelprune_redis_errors_total", "Failed Redis operations.", registry=r)
         for stage in STAGES:  # export every series from the start, so dashboards show zeros, not gaps
             self.stage_duration.labels(stage=stage)
-        for rpc in ("Ground", "GroundStream"):
-            self.request_duration.labels(rpc=rpc, code="OK")
         for kind in ("kept", "pruned"):
             self.visual_tokens.labels(kind=kind)
         self._in_use_lock = threading.Lock()
@@ -75,9 +80,58 @@ class ServiceMetrics:
             "pixelprune_prefix_cache_queries_total", "Model runs that looked up a cached prompt prefix.", registry=r)
         self.prefix_cache_hits = Counter(
             "pixelprune_prefix_cache_hits_total", "Model runs that started from a cached prompt prefix.", registry=r)
+        self._add_hardening_metrics(r)
+
+    def _add_hardening_metrics(self, r: CollectorRegistry) -> None:
+        """Streams per frame, admission, and every rpc x code series from the start (issue 11)."""
+        disable_created_metrics()  # no `*_created` series (process-wide prometheus_client setting)
+        self.stream_frame_duration = Histogram(
+            "pixelprune_stream_frame_duration_seconds",
+            "Time from a GroundStream frame's arrival to its answer (or the error it ended the stream with).",
+            ["code"], buckets=TIME_BUCKETS, registry=r)
+        self.streams = Counter("pixelprune_streams_total", "GroundStream calls ended, by status code.", ["code"],
+                               registry=r)
+        self.stream_skipped_frames = Counter(
+            "pixelprune_stream_skipped_frames_total",
+            "GroundStream frames never answered: replaced by a newer frame, or pending when the stream ended.",
+            registry=r)
+        self.open_streams = Gauge("pixelprune_open_streams", "GroundStream calls open now.", registry=r)
+        self.inflight_pixels = Gauge("pixelprune_inflight_pixels",
+                                     "Decoded pixels of the images admitted and not yet answered.", registry=r)
+        self.inflight_pixels_limit = Gauge("pixelprune_inflight_pixels_limit",
+                                           "The pixel budget (--max-inflight-pixels).", registry=r)
+        for code in CODES:
+            for rpc in UNARY_RPCS:
+                self.request_duration.labels(rpc=rpc, code=code)
+            self.stream_frame_duration.labels(code=code)
+            self.streams.labels(code=code)
 
     def record_request(self, rpc: str, code: str, seconds: float) -> None:
-        self.request_duration.labels(rpc=rpc, code=code).observe(seconds)
+        """A call ended: unary calls are observed with their duration, streams counted."""
+        if rpc in STREAM_RPCS:
+            self.streams.labels(code=code).inc()
+        else:
+            self.request_duration.labels(rpc=rpc, code=code).observe(seconds)
+
+    def record_stream_frame(self, code: str, seconds: float) -> None:
+        self.stream_frame_duration.labels(code=code).observe(seconds)
+
+    def record_skipped_frames(self, count: int) -> None:
+        if count:
+            self.stream_skipped_frames.inc(count)
+
+    def record_stream_open(self, opened: bool) -> None:
+        """A GroundStream call began (True) or ended (False)."""
+        if opened:
+            self.open_streams.inc()
+        else:
+            self.open_streams.dec()
+
+    def record_pixel_budget(self, pixels: int) -> None:
+        self.inflight_pixels_limit.set(pixels)
+
+    def record_inflight_pixels(self, pixels: int) -> None:
+        self.inflight_pixels.set(pixels)
 
     def record_stages(self, seconds: Mapping[str, float]) -> None:
         """Stage name -> seconds, for the stages in STAGES that ran."""

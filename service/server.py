@@ -2,13 +2,22 @@
 
 Health (grpc.health.v1) says NOT_SERVING until the model has run its warm-up
 request, SERVING after, and NOT_SERVING again as soon as draining starts, so
-Kubernetes stops routing before the process goes away. Server reflection is on.
+Kubernetes stops routing before the process goes away. Health is served on the
+main port and on its own plaintext port (`--health-port`) by a second gRPC server
+with its own threads, so probes are answered even when `--max-concurrent-rpcs`
+calls hold every thread of the main one. Server reflection (v1 and v1alpha) is on.
+
+Drain (SIGTERM): health turns NOT_SERVING while the listener keeps serving for
+`--drain-delay-s`, so probes and health-checking clients see it; then the
+listener stops accepting and in-flight calls get `--drain-grace-s` to finish.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
+import platform
 import signal
 import threading
 from concurrent import futures
@@ -17,23 +26,29 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from pixelprune.geometry import BLOCK_SIZE
 from pixelprune_api.grounding.v1 import grounding_pb2 as pb
 from pixelprune_api.grounding.v1 import grounding_pb2_grpc as pb_grpc
 from pixelprune.hashing import block_hashes
+from service.admission import Admission, InstructionLimits, PixelBudget
+from service.auth import BearerAuthInterceptor
 from service.config import ServiceConfig
-from service.errors import BearerAuthInterceptor
+from service.errors import DecodeGuard
 from service.grounding import Grounder
 from service.metrics import MetricsServer, ServiceMetrics, start_metrics_server
+from service.reflection import enable_reflection
 from service.servicer import GroundingServicer
 from service.sessions import InProcessSessionStore, RedisSessionStore, redis_client
 from service.worker import ModelWorker
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Grounding"].full_name
+MMAP_THRESHOLD_BYTES = 4 << 20  # buffers from this size up are mapped and unmapped, never kept in a heap
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+HEALTH_THREADS = 4  # threads of the health-only server (Check is a dictionary lookup)
+HEALTH_MAX_RPCS = 64  # open calls the health-only server accepts (Watch streams do not hold a thread)
 
 
 @dataclass
@@ -47,6 +62,9 @@ class ServerHandle:
     worker: ModelWorker  # the model worker
     _metrics_server: MetricsServer | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
+    health_port: int | None = None  # the bound port of the health-only server (None = off)
+    _health_server: grpc.Server | None = None
+    admission: Admission | None = None  # instruction limits, header checks and pixel budget of the servicer
 
     def warmup(self) -> None:
         """Run the engine's warm-up request on the model worker (and compile the block hash
@@ -62,7 +80,7 @@ class ServerHandle:
         self.health.enter_graceful_shutdown()
 
     def stop(self, grace: float | None = None) -> None:
-        """Drain, let in-flight RPCs finish within `grace` seconds, then stop worker and /metrics."""
+        """Drain, let in-flight RPCs finish within `grace` seconds, then stop worker, /metrics and health."""
         if self._stopped.is_set():
             return
         self.drain()
@@ -70,7 +88,27 @@ class ServerHandle:
         self.worker.stop(timeout=5)
         if self._metrics_server is not None:
             self._metrics_server.stop()
+        if self._health_server is not None:
+            self._health_server.stop(0).wait()
         self._stopped.set()
+
+    def shutdown(self, delay: float, grace: float | None, cut_short: threading.Event | None = None) -> None:
+        """NOT_SERVING for `delay` seconds while still serving (ended early by `cut_short`), then stop(grace)."""
+        self.drain()
+        (cut_short or threading.Event()).wait(delay)
+        self.stop(grace)
+
+
+def return_large_buffers_to_the_os() -> bool:
+    """Have glibc map every buffer of MMAP_THRESHOLD_BYTES or more with its own mmap, so that a
+    screenshot's decoded and resized copies go back to the OS when freed. Left to its default,
+    glibc raises its threshold to 32 MiB after the first large free and keeps freed blocks (Pillow
+    decodes in 16 MiB blocks) in per-thread arenas: each large request on a new RPC thread then
+    leaves its image's size behind (measured: +700 MB of idle RSS per pair of 49-megapixel PNGs).
+    The same as MALLOC_MMAP_THRESHOLD_=4194304 in the environment. False where libc is not glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def batch_settings(config: ServiceConfig):
@@ -121,6 +159,46 @@ def _bind(server: grpc.Server, config: ServiceConfig) -> int:
     return port
 
 
+def _admission(config: ServiceConfig, engine, metrics: ServiceMetrics) -> Admission:
+    """Instruction limits (with the engine's tokenizer) and the pixel budget of one server."""
+    metrics.record_pixel_budget(config.max_inflight_pixels)
+    return Admission(InstructionLimits(engine.processor.tokenizer, config.max_instruction_chars,
+                                       config.max_instruction_tokens),
+                     PixelBudget(config.max_inflight_pixels, on_change=metrics.record_inflight_pixels),
+                     config.max_image_pixels)
+
+
+def _grpc_server(config: ServiceConfig, metrics: ServiceMetrics, tenants: dict[str, str] | None) -> grpc.Server:
+    """The main gRPC server (not started): auth and the deserialisation guard as interceptors."""
+    denied = lambda method: metrics.record_request(method.rsplit("/", 1)[-1], "UNAUTHENTICATED", 0.0)  # noqa: E731
+    interceptors = [BearerAuthInterceptor(tenants, on_denied=denied)] if tenants else []
+    interceptors.append(DecodeGuard((f"/{SERVICE_NAME}/",)))
+    options = [("grpc.max_receive_message_length", config.max_message_bytes),
+               ("grpc.max_send_message_length", config.max_message_bytes),
+               ("grpc.so_reuseport", 0)]
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_concurrent_rpcs,
+                                                  thread_name_prefix="pixelprune-rpc"),
+                       interceptors=interceptors, options=options,
+                       maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+
+
+def _health_server(servicer: health.HealthServicer, config: ServiceConfig) -> tuple[grpc.Server | None, int | None]:
+    """The plaintext health-only server on --health-port (started), or (None, None) when it is off.
+    Plaintext even with TLS on the main port: kubelet's gRPC probes do not speak TLS."""
+    if config.health_port < 0:
+        return None, None
+    pool = futures.ThreadPoolExecutor(max_workers=HEALTH_THREADS, thread_name_prefix="pixelprune-health")
+    server = grpc.server(pool, options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=HEALTH_MAX_RPCS)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    address = f"{config.host}:{config.health_port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise ValueError(f"cannot bind the health server to {address}: {exc}") from None
+    server.start()
+    return server, port
+
+
 def create_server(config: ServiceConfig, engine=None, registry: CollectorRegistry | None = None,
                   warmup: bool = True) -> ServerHandle:
     """Start a server for `config` (port 0 = any free port) and return its handle.
@@ -129,32 +207,27 @@ def create_server(config: ServiceConfig, engine=None, registry: CollectorRegistr
     settings: build it with `batch_settings(config)`). registry: where metrics go
     (None = a fresh one). warmup=False leaves health NOT_SERVING until handle.warmup()."""
     config.validate()
-    token = config.auth_token()
+    tenants = config.auth_tenants()
+    return_large_buffers_to_the_os()
     engine = engine if engine is not None else load_engine(config)
     metrics = ServiceMetrics(registry)
     worker = ModelWorker(config.queue_size, on_depth=metrics.record_queue_depth, on_wait=metrics.record_queue_wait,
                          engine=engine, on_step=lambda step: metrics.record_step(step.batch_size, step.kv_bytes))
     grounder = Grounder(engine, _session_store(config, metrics), worker, metrics, config.max_image_pixels,
                         config.max_instruction_chars)
-    denied = lambda method: metrics.record_request(method.rsplit("/", 1)[-1], "UNAUTHENTICATED", 0.0)  # noqa: E731
-    interceptors = [BearerAuthInterceptor(token, on_denied=denied)] if token else []
-    options = [("grpc.max_receive_message_length", config.max_message_bytes),
-               ("grpc.max_send_message_length", config.max_message_bytes),
-               ("grpc.so_reuseport", 0)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_concurrent_rpcs,
-                                                    thread_name_prefix="pixelprune-rpc"),
-                         interceptors=interceptors, options=options,
-                         maximum_concurrent_rpcs=config.max_concurrent_rpcs)
-    pb_grpc.add_GroundingServicer_to_server(GroundingServicer(grounder, metrics, config.prune), server)
+    server = _grpc_server(config, metrics, tenants)
+    admission = _admission(config, engine, metrics)
+    pb_grpc.add_GroundingServicer_to_server(
+        GroundingServicer(grounder, metrics, config.prune, admission, config.stream_idle_timeout_s), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    metrics_server = None
+    enable_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
+    metrics_server = health_server = None
     try:
         port = _bind(server, config)
+        health_server, health_port = _health_server(health_servicer, config)
         if config.metrics_port >= 0:
             try:
                 metrics_server = start_metrics_server(metrics.registry, config.metrics_port, config.host)
@@ -162,11 +235,14 @@ def create_server(config: ServiceConfig, engine=None, registry: CollectorRegistr
                 raise ValueError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}") from None
     except ValueError:
         worker.stop(timeout=1)
+        if health_server is not None:
+            health_server.stop(0)
         raise
     server.start()
     handle = ServerHandle(server=server, port=port, metrics_port=metrics_server.port if metrics_server else None,
                           grounder=grounder, metrics=metrics, health=health_servicer, worker=worker,
-                          _metrics_server=metrics_server)
+                          _metrics_server=metrics_server, health_port=health_port, _health_server=health_server,
+                          admission=admission)
     if warmup:
         handle.warmup()
     return handle
@@ -182,21 +258,26 @@ def _warmup_logged(handle: ServerHandle) -> None:
 def serve(config: ServiceConfig, engine=None) -> int:
     """Run until SIGTERM/SIGINT, then drain in-flight requests within config.drain_grace_s."""
     handle = create_server(config, engine=engine, warmup=False)
-    log.info("listening: gRPC %s:%d%s, metrics %s, auth %s", config.host, handle.port,
+    log.info("listening: gRPC %s:%d%s, health %s, metrics %s, auth %s", config.host, handle.port,
              " (TLS)" if config.tls_cert else "",
+             f"{config.host}:{handle.health_port}" if handle.health_port is not None else "main port only",
              f"{config.host}:{handle.metrics_port}/metrics" if handle.metrics_port is not None else "off",
              "bearer token" if config.auth_token_file else "off")
-    stop = threading.Event()
+    stop, cut_short = threading.Event(), threading.Event()
 
     def on_signal(signum, _frame):
-        log.info("%s: draining (grace %.0f s)", signal.Signals(signum).name, config.drain_grace_s)
+        if stop.is_set():  # a second signal: skip what is left of the drain delay
+            cut_short.set()
+            return
+        log.info("%s: draining (NOT_SERVING for %g s while still serving, then %g s grace)",
+                 signal.Signals(signum).name, config.drain_delay_s, config.drain_grace_s)
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         threading.Thread(target=_warmup_logged, args=(handle,), name="pixelprune-warmup", daemon=True).start()
         stop.wait()
-        handle.stop(config.drain_grace_s)
+        handle.shutdown(config.drain_delay_s, config.drain_grace_s, cut_short)
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)

@@ -1,13 +1,21 @@
 """The gRPC servicer: unpack (from_pb), call the domain function, pack (to_pb). Nothing else.
 
+Before the domain function runs, a request passes admission (service/admission.py):
+its instruction's limits, its image header's checks, and a reservation of its
+decoded pixels in the server's budget; unary calls that do not fit are refused
+at once (RESOURCE_EXHAUSTED), stream frames wait for room.
+
 GroundStream runs two threads per stream: a reader that consumes frames as
 fast as the client sends them and keeps only the newest pending one (the
 instruction and pruning settings of every frame still apply in order), and the
 RPC's own thread, which answers the newest frame, then the next newest, and
-reports how many frames were skipped in between. A stream holds at most one
-request in the model queue; when the queue is full, the stream's frame waits for
-room instead of failing the stream: overload shows as latency and skipped frames
-(unary Ground calls still get RESOURCE_EXHAUSTED at once).
+reports how many frames were skipped in between (service/streams.py). A stream
+holds at most one request in the model queue; when the queue is full, the
+stream's frame waits for room instead of failing the stream: overload shows as
+latency and skipped frames (unary Ground calls still get RESOURCE_EXHAUSTED at
+once). Frames left unanswered when a stream ends are counted in the trailing
+metadata `pixelprune-skipped-frames`. Each caller's tenant (service/auth.py)
+goes into its queries, so sessions and caches are per tenant.
 """
 
 from __future__ import annotations
@@ -15,16 +23,19 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from typing import Callable
 
 from pixelprune.keepmask import pack_keep
 from pixelprune_api.grounding.v1 import grounding_pb2 as pb
 from pixelprune_api.grounding.v1 import grounding_pb2_grpc as pb_grpc
-from service.errors import stream_errors, unary_errors
+from service.admission import Admission
+from service.auth import current_tenant
+from service.errors import outcome, status_of, stream_errors, unary_errors
 from pixelprune.settings import PruneSettings
 from service.grounding import GroundAnswer, Grounder, GroundQuery
 from service.images import RawImage
 from service.metrics import ServiceMetrics
+from service.streams import SKIPPED_FRAMES_KEY, NewestFrame, Pending
 
 _METHODS = {pb.PruningSettings.METHOD_PRED2D: "pred2d", pb.PruningSettings.METHOD_RASTER: "raster",
             pb.PruningSettings.METHOD_SERPENTINE: "serpentine"}
@@ -56,10 +67,10 @@ def image_from_pb(msg: pb.Image) -> bytes | RawImage | None:
     return None
 
 
-def query_from_pb(request: pb.GroundRequest, defaults: PruneSettings) -> GroundQuery:
+def query_from_pb(request: pb.GroundRequest, defaults: PruneSettings, tenant: str = "") -> GroundQuery:
     pruning = request.pruning if request.HasField("pruning") else None
     return GroundQuery(image=image_from_pb(request.image), instruction=request.instruction,
-                       session_id=request.session_id, pruning=settings_from_pb(pruning, defaults))
+                       session_id=request.session_id, pruning=settings_from_pb(pruning, defaults), tenant=tenant)
 
 
 def to_pb(answer: GroundAnswer, skipped_frames: int = 0, sequence: int = 0) -> pb.GroundResponse:
@@ -94,64 +105,28 @@ def deadline_of(context) -> float | None:
     return None if remaining is None or remaining > 1e8 else time.monotonic() + remaining
 
 
-@dataclass(frozen=True)
-class _Pending:
-    query: GroundQuery  # the frame with the instruction and settings in force when it arrived
-    sequence: int  # the client's frame counter
-
-
-class NewestFrame:
-    """A one-slot mailbox: put() replaces an unanswered frame (counted as skipped); take() blocks."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._pending: _Pending | None = None
-        self._skipped = 0
-        self._closed = False
-        self.error: Exception | None = None  # a bad frame: ends the stream with its status
-
-    def put(self, item: _Pending) -> None:
-        with self._cond:
-            if self._pending is not None:
-                self._skipped += 1
-            self._pending = item
-            self._cond.notify()
-
-    def close(self, error: Exception | None = None) -> None:
-        with self._cond:
-            self._closed = True
-            self.error = self.error or error
-            self._cond.notify()
-
-    def take(self) -> tuple[_Pending, int] | None:
-        """The newest frame and the frames skipped before it; None when the stream is over."""
-        with self._cond:
-            while self._pending is None and not self._closed:
-                self._cond.wait()
-            if self.error is not None or self._pending is None:
-                return None
-            item, skipped = self._pending, self._skipped
-            self._pending, self._skipped = None, 0
-            return item, skipped
-
-
-def read_frames(frames, slot: NewestFrame, defaults: PruneSettings) -> None:
-    """The stream's reader thread: frames -> queries (stream state applied in order) -> slot."""
+def read_frames(frames, slot: NewestFrame, defaults: PruneSettings, tenant: str,
+                check_instruction: Callable[[str], None]) -> None:
+    """The stream's reader thread: frames -> queries (stream state applied in order) -> slot.
+    A new instruction is checked when it arrives, so a bad one ends the stream at once."""
     session_id, instruction, pruning = "", "", defaults
     try:
         for index, frame in enumerate(frames):
+            arrival = time.perf_counter()
             if index == 0:
                 session_id = frame.session_id or f"stream-{uuid.uuid4().hex}"
             elif frame.session_id and frame.session_id != session_id:
                 raise ValueError("session_id can only be set on the first frame of a stream")
-            instruction = frame.instruction or instruction
+            if frame.instruction:
+                check_instruction(frame.instruction)
+                instruction = frame.instruction
             if not instruction:
                 raise ValueError("the first frame of a stream must carry an instruction")
             if frame.HasField("pruning"):
                 pruning = settings_from_pb(frame.pruning, defaults)
             query = GroundQuery(image=image_from_pb(frame.image), instruction=instruction,
-                                session_id=session_id, pruning=pruning)
-            slot.put(_Pending(query=query, sequence=frame.sequence))
+                                session_id=session_id, pruning=pruning, tenant=tenant)
+            slot.put(Pending(query=query, sequence=frame.sequence, arrival=arrival))
         slot.close()
     except ValueError as exc:
         slot.close(exc)
@@ -162,33 +137,57 @@ def read_frames(frames, slot: NewestFrame, defaults: PruneSettings) -> None:
 class GroundingServicer(pb_grpc.GroundingServicer):
     """Ground and GroundStream over one Grounder."""
 
-    def __init__(self, grounder: Grounder, metrics: ServiceMetrics, defaults: PruneSettings):
+    def __init__(self, grounder: Grounder, metrics: ServiceMetrics, defaults: PruneSettings,
+                 admission: Admission, stream_idle_timeout_s: float = 0.0):
         self.grounder = grounder
         self.metrics = metrics
         self.defaults = defaults  # the server's pruning settings; request fields override them
+        self.admission = admission  # instruction limits, image header checks, pixel budget
+        self.stream_idle_timeout_s = stream_idle_timeout_s  # 0 = streams may stay silent forever
 
     def on_rpc_done(self, rpc: str, code: str, seconds: float) -> None:
         self.metrics.record_request(rpc, code, seconds)
 
     @unary_errors("Ground")
     def Ground(self, request, context):
-        answer = self.grounder.ground(query_from_pb(request, self.defaults), deadline=deadline_of(context),
-                                      is_active=context.is_active)
+        self.admission.instructions.check(request.instruction)
+        query = query_from_pb(request, self.defaults, current_tenant())
+        with self.admission.admit(query.image):
+            answer = self.grounder.ground(query, deadline=deadline_of(context), is_active=context.is_active)
         return to_pb(answer)
 
     @stream_errors("GroundStream")
     def GroundStream(self, request_iterator, context):
-        slot = NewestFrame()
+        slot = NewestFrame(self.stream_idle_timeout_s)
         context.add_callback(slot.close)  # cancellation or end of RPC wakes the responder
-        threading.Thread(target=read_frames, args=(request_iterator, slot, self.defaults), daemon=True,
-                         name="pixelprune-stream-reader").start()
-        while (item := slot.take()) is not None:
-            pending, skipped = item
-            # A full queue: this frame (already decoded and prepared) waits for room; newer
-            # frames meanwhile replace each other in the slot, so no CPU goes into frames
-            # that will never be answered.
-            answer = self.grounder.ground(pending.query, deadline=deadline_of(context),
-                                          is_active=context.is_active, wait_while=context.is_active)
-            yield to_pb(answer, skipped_frames=skipped, sequence=pending.sequence)
+        threading.Thread(target=read_frames, daemon=True, name="pixelprune-stream-reader", args=(
+            request_iterator, slot, self.defaults, current_tenant(), self.admission.instructions.check)).start()
+        self.metrics.record_stream_open(True)
+        try:
+            while (item := slot.take()) is not None:
+                pending, skipped = item
+                self.metrics.record_skipped_frames(skipped)
+                answer = self._answer_frame(pending, context)
+                yield to_pb(answer, skipped_frames=skipped, sequence=pending.sequence)
+                slot.answered()
+        finally:
+            self.metrics.record_stream_open(False)
+            dropped = slot.abandon()
+            self.metrics.record_skipped_frames(dropped)
+            context.set_trailing_metadata(((SKIPPED_FRAMES_KEY, str(dropped)),))
         if slot.error is not None:
             raise slot.error
+
+    def _answer_frame(self, pending: Pending, context) -> GroundAnswer:
+        """One stream frame: waits for room in the pixel budget and the model queue (newer frames
+        meanwhile replace each other in the slot, so no CPU goes into frames never answered)."""
+        try:
+            with self.admission.admit(pending.query.image, wait_while=context.is_active):
+                answer = self.grounder.ground(pending.query, deadline=deadline_of(context),
+                                              is_active=context.is_active, wait_while=context.is_active)
+        except Exception as exc:
+            code = outcome(context, status_of(exc)[0].name)
+            self.metrics.record_stream_frame(code, time.perf_counter() - pending.arrival)
+            raise
+        self.metrics.record_stream_frame("OK", time.perf_counter() - pending.arrival)
+        return answer

@@ -122,6 +122,12 @@ def unpack_state(blob: bytes) -> SessionState | None:
         return None
 
 
+def session_key(tenant: str, session_id: str) -> str:
+    """A session's key in a store: `tenant/session_id` (neither may contain "/"), or the bare
+    session id without auth, so one tenant can neither read nor overwrite another's sessions."""
+    return f"{tenant}/{session_id}" if tenant else session_id
+
+
 class SessionStore(Protocol):
     """Where sessions live. Neither method raises for storage failures."""
 

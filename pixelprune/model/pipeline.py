@@ -20,6 +20,7 @@ processor config, never guessed. One prompt (batch 1), any number of images.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -35,6 +36,8 @@ from pixelprune.geometry import (
 from pixelprune.model.device_prep import prepare_on_device
 from pixelprune.selectors import select_blocks
 from pixelprune.settings import PruneSettings
+
+_TOKENIZER_LOCK = threading.Lock()  # chat_token_ids: the tokenizer's split-special-tokens switch is shared state
 
 
 @dataclass(frozen=True)
@@ -155,9 +158,18 @@ def image_token_id(processor) -> int:
 def chat_token_ids(processor, messages: list[dict]) -> np.ndarray:
     """Token ids (int64, read-only) of a chat through the processor's template, one
     `<|image_pad|>` per image item, before expansion. Depends only on the text, so callers
-    may cache it per prompt."""
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = np.asarray(processor.tokenizer(text, return_token_type_ids=False)["input_ids"], dtype=np.int64)
+    may cache it per prompt.
+
+    The messages' text is text: a control token written in it (`<|image_pad|>`, `<|im_end|>`,
+    `<|im_start|>`, ...) is encoded as the plain characters it consists of, never as the token,
+    so a caller can neither add image placeholders nor close its turn and open another. Only
+    the template writes control tokens (transformers' `sanitize_control_tokens`)."""
+    tokenizer = processor.tokenizer
+    with _TOKENIZER_LOCK:  # sanitising switches the tokenizer between modes: one chat at a time
+        ids = tokenizer.apply_chat_template(messages, chat_template=processor.chat_template, tokenize=True,
+                                            add_generation_prompt=True, sanitize_control_tokens=True,
+                                            return_dict=False)
+    ids = np.asarray(ids, dtype=np.int64)
     ids.flags.writeable = False
     return ids
 

@@ -32,6 +32,13 @@ CONTRACT = {
     "pixelprune_frame_cache_hits": ("counter", set()),
     "pixelprune_changed_block_fraction": ("histogram", set()),
     "pixelprune_redis_errors": ("counter", set()),
+    # issue 11: streams per frame, admission
+    "pixelprune_stream_frame_duration_seconds": ("histogram", {"code"}),
+    "pixelprune_streams": ("counter", {"code"}),
+    "pixelprune_stream_skipped_frames": ("counter", set()),
+    "pixelprune_open_streams": ("gauge", set()),
+    "pixelprune_inflight_pixels": ("gauge", set()),
+    "pixelprune_inflight_pixels_limit": ("gauge", set()),
 }
 SUFFIXES = {"histogram": ("_bucket", "_count", "_sum"), "counter": ("_total",), "gauge": ("",),
             "summary": ("", "_count", "_sum")}
@@ -79,7 +86,7 @@ def scrape_live_server(tiny_checkpoint: Path) -> str:
     from service.server import create_server
 
     config = from_args_and_env(["--model", str(tiny_checkpoint), "--device", "cpu", "--dtype", "float32",
-                                "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"], {})
+                                "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--health-port", "0"], {})
     handle = create_server(config)
     try:
         ys, xs = np.mgrid[0:64, 0:96]

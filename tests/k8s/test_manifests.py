@@ -96,15 +96,16 @@ def test_ports_and_probes_match_the_service(overlay):
     _, objects = overlay
     defaults, env, container = ServiceConfig(), settings(overlay[1]), server_container(objects)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": defaults.port, "metrics": defaults.metrics_port}
+    assert ports == {"grpc": defaults.port, "metrics": defaults.metrics_port, "health": 50061}
     assert int(env["PIXELPRUNE_PORT"]) == ports["grpc"] and int(env["PIXELPRUNE_METRICS_PORT"]) == ports["metrics"]
+    assert int(env["PIXELPRUNE_HEALTH_PORT"]) == ports["health"]
     assert env["PIXELPRUNE_HOST"] == "0.0.0.0", "kubelet probes and the Service reach the pod IP"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        grpc_probe = container[probe]["grpc"]  # grpc.health.v1 Check
-        assert grpc_probe["port"] == ports["grpc"] and grpc_probe.get("service", "") == ""
+        grpc_probe = container[probe]["grpc"]  # grpc.health.v1 Check, on the health-only server
+        assert grpc_probe["port"] == ports["health"] and grpc_probe.get("service", "") == ""
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "model load may take minutes"
-    service = one(objects, "Service", "pixelprune")
+    service = one(objects, "Service", "pixelprune")  # the health port is for the kubelet only
     assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {"grpc": "grpc", "metrics": "metrics"}
     monitor = one(objects, "ServiceMonitor")
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
@@ -121,7 +122,7 @@ def test_service_links_cannot_shadow_settings(overlay):
 
 def test_health_and_reflection_need_no_token():
     """Kubelet's gRPC probe sends no metadata: the auth interceptor must let health through."""
-    from service.errors import OPEN_SERVICE_PREFIXES
+    from service.auth import OPEN_SERVICE_PREFIXES
 
     assert any("/grpc.health.v1.Health/Check".startswith(p) for p in OPEN_SERVICE_PREFIXES)
 
@@ -168,8 +169,10 @@ def test_termination_grace_covers_prestop_and_drain(overlay):
     container, env = server_container(objects), settings(objects)
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
+    delay = float(env.get("PIXELPRUNE_DRAIN_DELAY_S", ServiceConfig().drain_delay_s))
     drain = float(env.get("PIXELPRUNE_DRAIN_GRACE_S", ServiceConfig().drain_grace_s))
-    assert pod["terminationGracePeriodSeconds"] > float(command[1]) + drain
+    assert delay > 0, "probes must see NOT_SERVING before the listener closes"
+    assert pod["terminationGracePeriodSeconds"] > float(command[1]) + delay + drain
 
 
 def test_shm_is_memory_backed_and_root_filesystem_read_only(overlay):
@@ -266,9 +269,30 @@ def test_hpa_metric_is_produced_by_the_adapter_rule(overlay):
     assert float(metric["pods"]["target"]["averageValue"]) < int(settings(objects)["PIXELPRUNE_QUEUE_SIZE"])
 
 
-def test_queue_alert_threshold_follows_the_queue_size(rendered):
-    """The base rule's threshold is 3/4 of the base queue size (gpu overlay keeps both)."""
-    objects = rendered["gpu"]
+def test_queue_alert_threshold_follows_the_queue_size(overlay):
+    """Each overlay's QueueSaturated threshold is 3/4 of its queue size, so the alert can fire."""
+    _, objects = overlay
     rules = {r["alert"]: r for g in one(objects, "PrometheusRule")["spec"]["groups"] for r in g["rules"]}
     threshold = float(shlex.split(rules["PixelPruneQueueSaturated"]["expr"])[-1])
     assert threshold == 0.75 * int(settings(objects)["PIXELPRUNE_QUEUE_SIZE"])
+    assert f"queue size {settings(objects)['PIXELPRUNE_QUEUE_SIZE']}" in \
+        rules["PixelPruneQueueSaturated"]["annotations"]["description"]
+
+
+# Bytes a pixel in flight may cost the pod's memory (README: "Sizing --max-inflight-pixels"): on
+# CPU the decoded and resized uint8 copies and the float32 rows; on CUDA the rows are on the GPU.
+BYTES_PER_PIXEL = {"cpu": 30, "cuda": 7}
+IDLE_ALLOWANCE = {"cpu": 1 << 30, "cuda": 6 << 30}  # the loaded model, torch, CUDA context: bytes
+
+
+def test_pixel_budget_fits_the_memory_limit(overlay):
+    from service.config import ServiceConfig
+
+    _, objects = overlay
+    env, container = settings(objects), server_container(objects)
+    budget = int(env["PIXELPRUNE_MAX_INFLIGHT_PIXELS"])
+    assert budget >= int(env.get("PIXELPRUNE_MAX_IMAGE_PIXELS", ServiceConfig().max_image_pixels))
+    limit = container["resources"]["limits"]["memory"]
+    limit_bytes = int(limit.removesuffix("Gi")) << 30
+    device = env["PIXELPRUNE_DEVICE"]
+    assert budget * BYTES_PER_PIXEL[device] + IDLE_ALLOWANCE[device] <= limit_bytes

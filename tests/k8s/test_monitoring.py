@@ -202,3 +202,40 @@ def test_adapter_rule_configmap_is_valid():
     kubernetes_validate.validate(configmap, "1.37.0", strict=True)
     (rule,) = adapter_config()["rules"]
     assert rule["seriesQuery"].startswith("pixelprune_queue_depth{")
+
+
+def test_overview_panels_read_zero_not_no_data(dashboard, tmp_path):
+    """Replicas up, requests/s and the server error ratio evaluated by promtool on series as the
+    service exports them (every code present from the start): 0 with no traffic or no replica up,
+    the right values with traffic."""
+    from service.metrics import CODES
+
+    promtool = require_tool("promtool", PROMTOOL_INSTALL)
+    panels = {p["title"]: grafana_to_promql(p["targets"][0]["expr"])
+              for p in dashboard["panels"] if p["type"] != "row"}
+    target = 'job="pixelprune", namespace="prod", pod="a"'
+
+    def exported(unary: dict, frames: dict, up: str) -> list[dict]:
+        out = [{"series": f"up{{{target}}}", "values": up}]
+        for code in CODES:
+            unary_series = f'pixelprune_request_duration_seconds_count{{{target}, rpc="Ground", code="{code}"}}'
+            out.append({"series": unary_series, "values": f"0+{unary.get(code, 0)}x20"})
+            out.append({"series": f'pixelprune_stream_frame_duration_seconds_count{{{target}, code="{code}"}}',
+                        "values": f"0+{frames.get(code, 0)}x20"})
+        return out
+
+    def reads(values: dict) -> list[dict]:
+        return [{"expr": panels[title], "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": value}]}
+                for title, value in values.items()]
+
+    tests = [
+        {"interval": "1m", "input_series": exported({}, {}, "0x20"),
+         "promql_expr_test": reads({"Replicas up": 0, "Requests / s": 0, "Server error ratio": 0})},
+        {"interval": "1m", "input_series": exported({"OK": 60, "INTERNAL": 6}, {"OK": 30, "INTERNAL": 4}, "1x20"),
+         "promql_expr_test": reads({"Replicas up": 1, "Requests / s": 100 / 60, "Server error ratio": 0.1})},
+    ]
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump({"rule_files": [], "evaluation_interval": "1m",
+                                                         "tests": tests}))
+    out = subprocess.run([promtool, "test", "rules", "tests.yaml"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr

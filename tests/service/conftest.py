@@ -26,8 +26,8 @@ def make_server(engine):
     handles = []
 
     def make(warmup: bool = False, **overrides):
-        base = dict(model="tiny", port=0, metrics_port=0, host="127.0.0.1", max_new_tokens=MAX_NEW_TOKENS,
-                    max_batch_tokens=8192)
+        base = dict(model="tiny", port=0, metrics_port=0, health_port=0, host="127.0.0.1",
+                    max_new_tokens=MAX_NEW_TOKENS, max_batch_tokens=8192)
         config = dataclasses.replace(ServiceConfig(), **{**base, **overrides})
         from pixelprune.model.engine import GroundingEngine
         from service.server import batch_settings, create_server

@@ -90,3 +90,26 @@ class FrameFeed:
         while (frame := self._queue.get()) is not None:
             yield frame
         self.drained.set()
+
+
+def jpeg_bomb(width: int = 7071, height: int = 7071) -> bytes:
+    """The 641-byte JPEG of issue 11: a real 8x8 JPEG's headers with the frame size set to
+    width x height, then 16 zero bytes of scan data and the end marker. Pillow decodes it to
+    width x height pixels (the missing data as grey)."""
+    data = jpeg_bytes(np.full((8, 8, 3), 128, np.uint8), quality=50)
+    sof, sos = data.index(b"\xff\xc0"), data.index(b"\xff\xda")
+    header = bytearray(data[:sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")])
+    header[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(header) + bytes(16) + b"\xff\xd9"
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 grey PNG whose IHDR claims width x height (valid CRC): pixels that never existed."""
+    import struct
+    import zlib
+
+    data = bytearray(png_bytes(np.zeros((1, 1), np.uint8)))
+    ihdr = 8  # after the signature: length(4) type(4) data(13) crc(4)
+    data[ihdr + 8:ihdr + 16] = struct.pack(">II", width, height)
+    data[ihdr + 21:ihdr + 25] = struct.pack(">I", zlib.crc32(bytes(data[ihdr + 4:ihdr + 21])))
+    return bytes(data)

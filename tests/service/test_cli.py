@@ -23,13 +23,21 @@ def test_bad_environment(capsys, monkeypatch):
         in capsys.readouterr().err
 
 
+def test_bad_token_file_is_reported_before_the_model_loads(capsys, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice tok-a\nbob\n")
+    assert main(["serve", "--model", str(tmp_path / "nothing-here"), "--auth-token-file", str(tokens)]) == 2
+    assert capsys.readouterr().err.strip() == (f"pixelprune serve: error: --auth-token-file {tokens}: entry 2 must "
+                                               f"be `TENANT TOKEN`, got 1 field(s)")
+
+
 def test_missing_model(capsys, tmp_path):
     assert main(["serve", "--model", str(tmp_path / "nothing-here"), "--device", "cpu", "--metrics-port", "-1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("pixelprune serve: error: cannot load model") and "Traceback" not in "".join(err)
 
 
-@pytest.mark.parametrize("which", ["port", "metrics_port"])
+@pytest.mark.parametrize("which", ["port", "metrics_port", "health_port"])
 def test_busy_ports(engine, which):
     from service.server import create_server
 
@@ -37,8 +45,9 @@ def test_busy_ports(engine, which):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         taken = busy.getsockname()[1]
-        ports = {"port": 0, "metrics_port": 0, which: taken}
+        ports = {"port": 0, "metrics_port": 0, "health_port": 0, which: taken}
         config = dataclasses.replace(ServiceConfig(), model="tiny", host="127.0.0.1", **ports)
-        expected = "cannot bind gRPC to" if which == "port" else "cannot serve metrics on"
+        expected = {"port": "cannot bind gRPC to", "metrics_port": "cannot serve metrics on",
+                    "health_port": "cannot bind the health server to"}[which]
         with pytest.raises(ValueError, match=f"{expected} 127.0.0.1:{taken}"):
             create_server(config, engine=engine, warmup=False)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import pytest
 
 from pixelprune.settings import PruneSettings
-from service.config import MIB, ServiceConfig, env_name, from_args_and_env
+from service.config import MIB, ServiceConfig, bare_token_tenant, env_name, from_args_and_env, parse_token_file
 
 
 def test_defaults_are_the_documented_ones():
@@ -18,6 +19,8 @@ def test_defaults_are_the_documented_ones():
         (16, 600.0, 32, 30.0)
     assert config.prune == PruneSettings(enabled=True, method="pred2d", metric="max", tau=0.0)
     assert config.redis_url is None and config.auth_token_file is None
+    assert (config.max_inflight_pixels, config.max_instruction_tokens, config.stream_idle_timeout_s,
+            config.health_port, config.drain_delay_s) == (50_000_000, 512, 60.0, 0, 5.0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.port = 1
 
@@ -49,6 +52,12 @@ def test_env_names():
     (["--auth-token-file", "/nonexistent/token"], {}, "no such file"),
     (["--redis-url", "http://x"], {}, "--redis-url must start with"),
     ([], {"PIXELPRUNE_NO_PRUNE": "maybe"}, "not a boolean"),
+    (["--max-inflight-pixels", "999"], {}, "--max-inflight-pixels (999) must be >= --max-image-pixels (50000000)"),
+    (["--max-instruction-tokens", "0"], {}, "--max-instruction-tokens must be >= 1"),
+    (["--stream-idle-timeout-s", "-1"], {}, "--stream-idle-timeout-s must be >= 0"),
+    (["--health-port", "70000"], {}, "--health-port must be in -1..65535"),
+    (["--health-port", "9464"], {}, "--health-port 9464 is already the gRPC or metrics port"),
+    ([], {"PIXELPRUNE_DRAIN_DELAY_S": "inf"}, "--drain-delay-s must be >= 0"),
 ])
 def test_bad_settings_give_one_line_errors(argv, env, fragment):
     with pytest.raises(ValueError) as info:
@@ -56,15 +65,38 @@ def test_bad_settings_give_one_line_errors(argv, env, fragment):
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
-def test_auth_token_is_read_and_stripped(tmp_path):
+def test_auth_token_file_with_one_bare_token(tmp_path):
+    """The old format: the whole file is one token. Its tenant is named after a digest of the
+    token, so two servers with different tokens on one Redis do not share sessions."""
     token_file = tmp_path / "token"
     token_file.write_text("s3cret\n")
     config = from_args_and_env(["--auth-token-file", str(token_file)], {})
-    assert config.auth_token() == "s3cret"
+    assert config.auth_tenants() == {"s3cret": bare_token_tenant("s3cret")}
+    assert bare_token_tenant("s3cret") == "token-" + hashlib.blake2b(
+        b"s3cret", digest_size=8, person=b"pixelprune-tnt").hexdigest()
+    assert bare_token_tenant("other") != bare_token_tenant("s3cret")
     token_file.write_text("  \n")
     with pytest.raises(ValueError, match="is empty"):
-        config.auth_token()
-    assert ServiceConfig().auth_token() is None
+        config.auth_tenants()
+    assert ServiceConfig().auth_tenants() is None
+
+
+def test_auth_token_file_with_tenants():
+    text = "# tenant token\n\nalice  tok-a1\nbob\ttok-b\n  alice tok-a2  \n"
+    assert parse_token_file(text) == {"tok-a1": "alice", "tok-b": "bob", "tok-a2": "alice"}
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("# only a comment\n", "is empty"),
+    ("alice tok-a\nlonely-token\n", "entry 2 must be `TENANT TOKEN`, got 1 field(s)"),
+    ("alice tok a\n", "entry 1 must be `TENANT TOKEN`, got 3 field(s)"),
+    ("al/ice tok-a\n", "tenant 'al/ice' must be 1..64 characters"),
+    ("alice tok\nbob tok\n", "a token is listed twice (tenants 'alice' and 'bob')"),
+])
+def test_bad_token_files(text, fragment):
+    with pytest.raises(ValueError) as info:
+        parse_token_file(text, "tokens.txt")
+    assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
 def test_session_key_prefix_separates_models_and_answer_lengths():

@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.images import ImageError, RawImage, decode_encoded, decode_image, decode_raw
+from pixelprune.geometry import to_rgb_array
+from service import images
+from service.images import (BOMB_FLOOR_PIXELS, MAX_PIXELS_PER_BYTE, ImageError, RawImage, check_not_bomb,
+                            decode_encoded, decode_image, decode_raw, probe)
+from service_testlib import jpeg_bomb
 
 LIMIT = 50_000_000
 
@@ -121,3 +125,60 @@ def test_missing_image():
 
 def test_image_error_is_a_value_error():
     assert issubclass(ImageError, ValueError)
+
+
+def test_probe_reads_the_header_only():
+    assert probe(_png_claiming(40, 20), LIMIT) == (40, 20)  # decoding this would fail: no pixel data
+    assert probe(RawImage(3, 2, b""), LIMIT) == (3, 2)  # raw: the length is checked when decoding
+    with pytest.raises(ImageError, match="more than the limit of 100"):
+        probe(_png_claiming(11, 10), 100)
+    with pytest.raises(ImageError, match="no image given"):
+        probe(None, LIMIT)
+    with pytest.raises(ImageError, match="not a PNG, JPEG or WebP"):
+        probe(b"GIF89a", LIMIT)
+
+
+def test_the_641_byte_jpeg_is_refused_as_a_bomb():
+    bomb = jpeg_bomb()
+    assert len(bomb) == 641 and Image.open(io.BytesIO(bomb)).size == (7071, 7071)  # what Pillow would decode
+    message = ("image claims 7071x7071 = 49999041 pixels from 641 bytes, more than 1024 pixels per byte above "
+               "16777216 pixels: refused as a decompression bomb")
+    for check in (probe, decode_encoded):
+        with pytest.raises(ImageError) as info:
+            check(bomb, LIMIT)
+        assert str(info.value) == message
+    with pytest.raises(ImageError, match="refused as a decompression bomb"):
+        probe(_png_claiming(7000, 7000), LIMIT)
+
+
+def test_bomb_rule_boundaries():
+    check_not_bomb(4096, 4096, 1)  # up to the floor, any file size
+    pixels = 4097 * 4096
+    assert pixels > BOMB_FLOOR_PIXELS
+    check_not_bomb(4097, 4096, -(-pixels // MAX_PIXELS_PER_BYTE))  # ceil(pixels / 1024) bytes: allowed
+    with pytest.raises(ImageError, match="4097x4096 = 16781312 pixels from 16387 bytes"):
+        check_not_bomb(4097, 4096, pixels // MAX_PIXELS_PER_BYTE - 1)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_blank_screens_above_the_floor_are_not_bombs(fmt):
+    """The most compressible real screenshot: one colour, 20 megapixels, encoded as tightly as
+    Pillow can: still far below 1024 pixels per byte."""
+    options = {"PNG": {"compress_level": 9}, "JPEG": {"quality": 1}}[fmt]
+    data = _encode(np.full((4000, 5000, 3), 255, np.uint8), fmt, **options)
+    assert probe(data, LIMIT) == (5000, 4000)
+    assert 5000 * 4000 / len(data) < MAX_PIXELS_PER_BYTE / 2
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "I;16"])
+def test_strip_conversion_equals_whole_image_conversion(mode, monkeypatch):
+    rng = np.random.default_rng(3)
+    rgba = Image.fromarray(rng.integers(0, 256, size=(37, 53, 4), dtype=np.uint8), "RGBA")
+    image = rgba.convert(mode) if mode != "P" else rgba.convert("RGB").quantize(16)
+    if mode == "P":
+        image.info["transparency"] = 3  # palette entry 3 is transparent: composited on white
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    expected = to_rgb_array(Image.open(io.BytesIO(buf.getvalue())))
+    monkeypatch.setattr(images, "STRIP_PIXELS", 100)  # 1 row per strip (53 pixels wide rows, 37 strips)
+    assert np.array_equal(decode_encoded(buf.getvalue(), LIMIT), expected)

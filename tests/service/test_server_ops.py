@@ -218,42 +218,52 @@ def test_health_transitions_and_reflection(make_server, channels):
 
     handle, _ = make_server(warmup=False)
     channel = channels(handle.port)
-    health = health_pb2_grpc.HealthStub(channel)
-    status = lambda name: health.Check(health_pb2.HealthCheckRequest(service=name)).status  # noqa: E731
-    assert status("") == status(SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
+    stubs = [health_pb2_grpc.HealthStub(channel), health_pb2_grpc.HealthStub(channels(handle.health_port))]
+
+    def statuses():  # the main port and the health port agree, for the server and for the service
+        return {stub.Check(health_pb2.HealthCheckRequest(service=name)).status for stub in stubs
+                for name in ("", SERVICE)}
+
+    assert statuses() == {health_pb2.HealthCheckResponse.NOT_SERVING}
     handle.warmup()
-    assert status("") == status(SERVICE) == health_pb2.HealthCheckResponse.SERVING
+    assert statuses() == {health_pb2.HealthCheckResponse.SERVING}
     handle.drain()
-    assert status("") == status(SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert statuses() == {health_pb2.HealthCheckResponse.NOT_SERVING}
     services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert {SERVICE, "grpc.health.v1.Health"} <= services
 
 
-def test_sigterm_drains_in_flight_requests(tiny_checkpoint, corpus_dir, channels, tmp_path):
-    port, metrics_port = free_port(), free_port()
+def test_sigterm_drains_in_flight_requests(tiny_checkpoint, corpus_dir, channels, tmp_path, small):
+    """SIGTERM: health NOT_SERVING on both ports while the listener still serves (the drain delay),
+    then in-flight requests finish and the process exits 0."""
+    port, metrics_port, health_port = free_port(), free_port(), free_port()
     env = {**os.environ, "PIXELPRUNE_MAX_NEW_TOKENS": "4", "PIXELPRUNE_DEVICE": "cpu"}
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "pixelprune.cli", "serve", "--model", str(tiny_checkpoint),
-                             "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port)],
+                             "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
+                             "--health-port", str(health_port), "--drain-delay-s", "3"],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        channel = channels(port)
-        health = health_pb2_grpc.HealthStub(channel)
+        channel, health_channel = channels(port), channels(health_port)
 
-        def serving():
+        def status(ch):
             try:
-                return health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                    health_pb2.HealthCheckResponse.SERVING
-            except grpc.RpcError:
-                return False
+                return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+            except grpc.RpcError as exc:
+                return exc.code()
 
-        _wait_until(serving, timeout=120)
+        _wait_until(lambda: status(health_channel) == health_pb2.HealthCheckResponse.SERVING, timeout=120)
         data = (corpus_dir / "desktop_pcmanfm_xterm_mousepad_1920x1080.png").read_bytes()
         stub = stub_for(channel)
         futures = [stub.Ground.future(pb.GroundRequest(image=pb.Image(encoded=data), instruction=f"q{k}"),
                                       timeout=300) for k in range(2)]
         _wait_until(lambda: scrape(metrics_port).get("pixelprune_queue_depth") == 1, timeout=60)
         proc.send_signal(signal.SIGTERM)  # one request runs, one waits: both must be answered
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        _wait_until(lambda: status(health_channel) == not_serving, timeout=10)
+        assert status(channel) == not_serving  # the main listener still answers, and says so
+        late = stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="late"), timeout=120)
+        assert late.total_blocks == 64  # a request routed during the drain delay is still served
         answers = [f.result() for f in futures]
         assert all(a.total_blocks == 60 * 34 for a in answers)
         assert proc.wait(timeout=120) == 0
@@ -263,7 +273,8 @@ def test_sigterm_drains_in_flight_requests(tiny_checkpoint, corpus_dir, channels
             proc.wait()
     log.seek(0)
     text = log.read()
-    assert "RANDOM WEIGHTS" in text and "SIGTERM: draining" in text and "stopped" in text
+    assert "RANDOM WEIGHTS" in text and "SIGTERM: draining (NOT_SERVING for 3 s while still serving" in text
+    assert "stopped" in text
 
 
 METRICS = ["pixelprune_request_duration_seconds", "pixelprune_ttft_seconds", "pixelprune_stage_duration_seconds",
@@ -272,7 +283,10 @@ METRICS = ["pixelprune_request_duration_seconds", "pixelprune_ttft_seconds", "pi
            "pixelprune_frame_cache_queries_total", "pixelprune_frame_cache_hits_total",
            "pixelprune_changed_block_fraction", "pixelprune_redis_errors_total", "pixelprune_batch_size",
            "pixelprune_time_per_output_token_seconds", "pixelprune_prefix_cache_bytes",
-           "pixelprune_prefix_cache_queries_total", "pixelprune_prefix_cache_hits_total"]
+           "pixelprune_prefix_cache_queries_total", "pixelprune_prefix_cache_hits_total",
+           "pixelprune_stream_frame_duration_seconds", "pixelprune_streams_total",
+           "pixelprune_stream_skipped_frames_total", "pixelprune_open_streams", "pixelprune_inflight_pixels",
+           "pixelprune_inflight_pixels_limit"]
 
 
 def test_every_metric_is_exported_and_moves(make_server, channels, redis_server, small):
@@ -344,8 +358,11 @@ def test_cancelled_stream_stops_consuming_work(make_server, channels, small):
     release.set()
     _wait_until(lambda: handle.worker.skipped == 1 and handle.worker.depth == 0)
     assert counting.grounded == []
-    _wait_until(lambda: handle.metrics.registry.get_sample_value(
-        "pixelprune_request_duration_seconds_count", {"rpc": "GroundStream", "code": "CANCELLED"}) == 1)
+    sample = handle.metrics.registry.get_sample_value
+    _wait_until(lambda: sample("pixelprune_streams_total", {"code": "CANCELLED"}) == 1)
+    assert sample("pixelprune_stream_frame_duration_seconds_count", {"code": "CANCELLED"}) == 1
+    assert sample("pixelprune_streams_total", {"code": "OK"}) == 0
+    assert sample("pixelprune_request_duration_seconds_count", {"rpc": "GroundStream", "code": "CANCELLED"}) is None
 
 
 def test_tls(make_server, tmp_path, small):

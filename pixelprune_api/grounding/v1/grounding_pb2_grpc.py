@@ -66,6 +66,10 @@ class GroundingServicer:
         """A live stream of frames in one session. Frames may carry a new
         instruction; when frames arrive faster than answers, the newest frame
         wins and the number of frames skipped is reported with the next answer.
+        Frames never answered when the stream ends (on any status) are counted in
+        the trailing metadata key "pixelprune-skipped-frames" (decimal). A stream
+        that sends no frame for the server's idle timeout while nothing of it is
+        pending is ended with DEADLINE_EXCEEDED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
