@@ -109,6 +109,8 @@ class GroundResult:
     image_size: tuple[int, int]  # (width, height) of the screenshot as sent
     model_size: tuple[int, int]  # (width, height) after the model's resize
     random_weights: bool  # the served model has random weights: the point means nothing
+    prefix_cache_hit: bool = False  # the screen's prompt-prefix KV cache was reused: only the instruction was prefilled
+    kv_cache_bytes: int = 0  # key/value bytes of the prompt's cache after prefill (0: the model did not run)
     # bool (model_height/32, model_width/32), row-major over the blocks of the resized image,
     # True = the model saw that block; None when the server sent none (a session cache hit on an
     # answer stored by an older server). Not part of ==.
@@ -132,7 +134,8 @@ class GroundResult:
             timings=Timings(t.decode_ms, t.resize_ms, t.select_ms, t.patchify_ms, t.vit_ms,
                             t.prefill_ms, t.ttft_ms, t.decode_tokens_ms, t.queue_ms, t.total_ms),
             image_size=(r.image_width, r.image_height), model_size=(r.model_width, r.model_height),
-            random_weights=r.random_weights, keep=keep_from_pb(r))
+            random_weights=r.random_weights, prefix_cache_hit=r.prefix_cache_hit,
+            kv_cache_bytes=r.kv_cache_bytes, keep=keep_from_pb(r))
 
     def to_json_dict(self) -> dict:
         """A JSON-ready dict (points as {"x", "y"} objects or null; the keep mask as the proto's
@@ -153,5 +156,6 @@ class GroundResult:
             "ttft_ms": self.ttft_ms, "timings": dict(vars(self.timings)),
             "image_size": {"width": self.image_size[0], "height": self.image_size[1]},
             "model_size": {"width": self.model_size[0], "height": self.model_size[1]},
-            "random_weights": self.random_weights, "keep_mask": keep_mask,
+            "random_weights": self.random_weights, "prefix_cache_hit": self.prefix_cache_hit,
+            "kv_cache_bytes": self.kv_cache_bytes, "keep_mask": keep_mask,
         }

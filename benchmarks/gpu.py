@@ -43,7 +43,7 @@ PRESETS = {  # --small / no CUDA, and the GPU run; explicit flags override eithe
 }
 # Issue 10's engine and worker options by ServiceConfig field name, used when no flag gives
 # one; None = the service's own default. The integrator switches them on here, in one place.
-OPTION_DEFAULTS = {"max_batch_size": None, "max_batch_tokens": None, "cuda_graphs": None,
+OPTION_DEFAULTS = {"max_batch_size": None, "max_batch_tokens": None, "no_cuda_graphs": None,
                    "stop_after_point": None, "prefix_cache_bytes": None}
 
 
@@ -76,12 +76,11 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--skip-server", action="store_true", help="engine part only")
     p.add_argument("--report", type=Path, metavar="JSON", help="print the tables of a saved result and exit")
     # Issue 10's engine/worker options, by ServiceConfig field name; None = the service's default.
-    p.add_argument("--max-batch-size", type=positive(int), help="requests per model step, where supported")
-    p.add_argument("--max-batch-tokens", type=positive(int), help="prompt tokens per batch, where supported")
-    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
-                   help="eager decoding, where supported")
-    p.add_argument("--stop-after-point", action="store_const", const=True, help="where supported")
-    p.add_argument("--prefix-cache-bytes", type=int, help="where supported")
+    p.add_argument("--max-batch-size", type=positive(int), help="sequences decoded together")
+    p.add_argument("--max-batch-tokens", type=positive(int), help="KV-cache positions of the batch (rows x slot length)")
+    p.add_argument("--no-cuda-graphs", action="store_const", const=True, help="eager decoding on CUDA")
+    p.add_argument("--stop-after-point", action="store_const", const=True, help="end answers at a closed point")
+    p.add_argument("--prefix-cache-bytes", type=int, help="device bytes of cached prompt prefixes")
     args = p.parse_args(argv)
     for path in (args.json, args.markdown, args.workdir and args.workdir / "x"):
         if path is not None and not path.parent.is_dir():

@@ -110,11 +110,9 @@ class ServiceRunner:
             raise RunnerFailed(str(exc)) from None
         except (GroundingError, ValueError, OSError) as exc:  # rejected request, unreadable image
             raise SampleFailed(" ".join(str(exc).split())) from None
-        # GroundResponse.kv_cache_bytes (field 22): 0 until the server fills it; read it once
-        # GroundResult carries it.
-        kv_bytes = getattr(result, "kv_cache_bytes", 0)
+        # 0 = the model did not run (a session cache hit; eval sends no session): shown as n/a
         return Answer(point=result.point, raw_answer=result.raw_answer, kept_blocks=result.kept_blocks,
-                      total_blocks=result.total_blocks, ttft_ms=result.ttft_ms, kv_bytes=kv_bytes or None,
+                      total_blocks=result.total_blocks, ttft_ms=result.ttft_ms, kv_bytes=result.kv_cache_bytes or None,
                       random_weights=result.random_weights)
 
     def close(self) -> None:

@@ -31,9 +31,9 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 
 def comparable(result: GroundResult) -> dict:
     """What must not depend on how the image was sent (timings, session ids and the
-    server's vision cache do)."""
+    server's vision and prefix caches do)."""
     d = result.to_json_dict()
-    for key in ("timings", "ttft_ms", "session_id", "vision_cache_hit"):
+    for key in ("timings", "ttft_ms", "session_id", "vision_cache_hit", "prefix_cache_hit"):
         d.pop(key)
     return d
 
@@ -86,12 +86,18 @@ def test_session_reuse_and_change(grounding_server, screenshot):
         changed = screenshot.copy()
         changed[:64, :64] = 0
         third = client.ground(changed, "open the terminal", session_id="agent-test-1")
+        fourth = client.ground(changed, "close the terminal", session_id="agent-test-1")  # same screen, new question
     assert first.session_id == again.session_id == "agent-test-1"
     assert first.point is None  # the plain tiny checkpoint answers blanks
     assert not first.cache_hit and first.changed_fraction == 1.0
     assert again.cache_hit and again.changed_fraction == 0.0 and again.raw_answer == first.raw_answer
     assert first.keep is not None and np.array_equal(again.keep, first.keep)  # the reused answer's mask
     assert not third.cache_hit and 0.0 < third.changed_fraction < 0.05
+    # the model ran for first, third and fourth (its prompt's KV bytes reported), not for the session hit
+    assert first.kv_cache_bytes > 0 and third.kv_cache_bytes > 0 and again.kv_cache_bytes == 0
+    assert not first.prefix_cache_hit and not third.prefix_cache_hit
+    assert fourth.vision_cache_hit and fourth.prefix_cache_hit and fourth.kv_cache_bytes > 0
+    assert fourth.to_json_dict()["prefix_cache_hit"] is True
 
 
 def test_retries_unavailable_until_the_server_is_up(tiny_checkpoint, tiny_engine, token_file, screenshot, caplog):

@@ -22,7 +22,7 @@ def test_screenspot_through_the_service_is_exact(screenspot_dir, rigged_server, 
     assert_table(md.read_text(), SCREENSPOT_EXPECTED)
     # kept blocks per setting equal the selector's on the same screenshot: the per-request
     # PruningSettings reached the server (full -> disabled, tau 0 and 0.02 as sent)
-    assert_predictions(jsonl, screenspot_dir, kv_reported=False)
+    assert_predictions(jsonl, screenspot_dir)
     assert f"from service at 127.0.0.1:{rigged_server.port}" in out and out.startswith("RANDOM WEIGHTS")
 
 
@@ -32,7 +32,7 @@ def test_screenspot_pro_through_the_service_is_exact(pro_dirs, rigged_server, ev
     assert run_remote(annotations, rigged_server, eval_token_file, "--images", str(images), "--markdown", str(md),
                       "--jsonl", str(jsonl)) == 0
     assert_table(md.read_text(), PRO_EXPECTED)
-    assert_predictions(jsonl, annotations, images, kv_reported=False)
+    assert_predictions(jsonl, annotations, images)
     capsys.readouterr()
 
 
