@@ -18,7 +18,7 @@ import torch
 
 from pixelprune.model.adapter import VisionFeatures
 from pixelprune.model.generation import Chunk, build_prompt, prompt_chunk
-from pixelprune.model.pipeline import image_token_id, tokenize, user_message
+from pixelprune.model.pipeline import image_token_id, tokenize
 from pixelprune.model.positions import same_masks
 from pixelprune.model.prefix import PrefixEntry
 from pixelprune.model.request import GroundingOutput, GroundRequest

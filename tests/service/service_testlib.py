@@ -7,8 +7,10 @@ from __future__ import annotations
 import io
 import queue
 import threading
+import time
 import urllib.request
 
+import grpc
 import numpy as np
 from PIL import Image
 
@@ -113,3 +115,28 @@ def png_claiming(width: int, height: int) -> bytes:
     data[ihdr + 8:ihdr + 16] = struct.pack(">II", width, height)
     data[ihdr + 21:ihdr + 25] = struct.pack(">I", zlib.crc32(bytes(data[ihdr + 4:ihdr + 21])))
     return bytes(data)
+
+
+def hold_worker(handle):
+    """Occupy the model worker with a job that waits; returns the event that releases it."""
+    release, running = threading.Event(), threading.Event()
+    handle.worker.submit(lambda: (running.set(), release.wait(60)))
+    assert running.wait(10)
+    return release
+
+
+def wait_until(predicate, timeout=20.0):
+    """Poll `predicate` every 10 ms until it holds; fail after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def status_code(fn):
+    """The gRPC status code of calling fn() (OK when it returns)."""
+    try:
+        fn()
+        return grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        return exc.code()

@@ -17,32 +17,14 @@ from pixelprune.settings import PruneSettings
 from pixelprune_api.grounding.v1 import grounding_pb2 as pb
 from service.admission import InstructionLimits, PixelBudget
 from service.errors import QueueFull
-from service_testlib import FrameFeed, jpeg_bomb, png_bytes, png_claiming, raw_image, stub_for
+from service_testlib import (FrameFeed, hold_worker, jpeg_bomb, png_bytes, png_claiming,
+                             raw_image, status_code, stub_for, wait_until)
 
 SIDE = 256  # test images: 256 x 256 = 65536 pixels, no resize
 PIXELS = SIDE * SIDE
 
 
-def _wait_until(predicate, timeout=20.0):
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.01)
 
-
-def _code(fn):
-    try:
-        fn()
-        return grpc.StatusCode.OK
-    except grpc.RpcError as exc:
-        return exc.code()
-
-
-def _hold_worker(handle):
-    release, running = threading.Event(), threading.Event()
-    handle.worker.submit(lambda: (running.set(), release.wait(60)))
-    assert running.wait(10)
-    return release
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +52,10 @@ def test_budget_refuses_unary_at_once_and_serves_waiters_in_order():
 
     big = threading.Thread(target=waiter, args=("big", 90))
     big.start()
-    _wait_until(lambda: started == ["big"] and len(budget._waiters) == 1)
+    wait_until(lambda: started == ["big"] and len(budget._waiters) == 1)
     small = threading.Thread(target=waiter, args=("small", 20))
     small.start()
-    _wait_until(lambda: len(budget._waiters) == 2)
+    wait_until(lambda: len(budget._waiters) == 2)
     with pytest.raises(QueueFull):  # 10 pixels would fit, but two streams wait before it
         budget.try_acquire(10)
     time.sleep(0.2)
@@ -97,7 +79,7 @@ def test_waiter_gives_up_when_no_longer_wanted():
     thread = threading.Thread(target=lambda: errors.append(pytest.raises(
         QueueFull, budget.acquire, 5, wanted.is_set)))
     thread.start()
-    _wait_until(lambda: len(budget._waiters) == 1)
+    wait_until(lambda: len(budget._waiters) == 1)
     wanted.clear()
     thread.join(5)
     assert "gave up waiting for room in the pixel budget" in str(errors[0].value)
@@ -131,9 +113,9 @@ def test_unary_over_budget_is_refused_at_once(make_server, channels, image):
     stub = stub_for(channels(handle.port))
     gauge = lambda name: handle.metrics.registry.get_sample_value(name)  # noqa: E731
     assert gauge("pixelprune_inflight_pixels_limit") == 100_000
-    release = _hold_worker(handle)
+    release = hold_worker(handle)
     queued = stub.Ground.future(pb.GroundRequest(image=raw_image(image), instruction="first"), timeout=60)
-    _wait_until(lambda: handle.worker.depth == 1)
+    wait_until(lambda: handle.worker.depth == 1)
     assert gauge("pixelprune_inflight_pixels") == PIXELS
     with pytest.raises(grpc.RpcError) as info:  # 2 x 65536 > 100000: refused before decoding
         stub.Ground(pb.GroundRequest(image=pb.Image(encoded=png_bytes(image)), instruction="second"), timeout=10)
@@ -151,16 +133,16 @@ def test_unary_over_budget_is_refused_at_once(make_server, channels, image):
 def test_stream_frame_waits_for_the_budget_and_is_not_overtaken(make_server, channels, image):
     handle, counting = make_server(max_image_pixels=100_000, max_inflight_pixels=100_000)
     stub = stub_for(channels(handle.port))
-    release = _hold_worker(handle)
+    release = hold_worker(handle)
     queued = stub.Ground.future(pb.GroundRequest(image=raw_image(image), instruction="unary"), timeout=60)
-    _wait_until(lambda: handle.worker.depth == 1)
+    wait_until(lambda: handle.worker.depth == 1)
     feed = FrameFeed()
     responses = stub.GroundStream(iter(feed), timeout=60)
     feed.send(pb.Frame(image=raw_image(image), instruction="stream", sequence=1))
-    _wait_until(lambda: handle.metrics.registry.get_sample_value("pixelprune_inflight_pixels") == PIXELS
+    wait_until(lambda: handle.metrics.registry.get_sample_value("pixelprune_inflight_pixels") == PIXELS
                 and _waiting(handle) == 1)
     small = np.ascontiguousarray(image[:128, :128])  # 16384 pixels would fit, but the stream waits first
-    assert _code(lambda: stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="x"), timeout=10)) == \
+    assert status_code(lambda: stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="x"), timeout=10)) == \
         grpc.StatusCode.RESOURCE_EXHAUSTED
     release.set()
     assert [r.sequence for r in [next(responses)]] == [1]

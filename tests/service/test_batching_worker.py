@@ -18,7 +18,7 @@ from pixelprune_api.grounding.v1 import grounding_pb2 as pb
 from service.errors import Cancelled, DeadlineExpired, QueueFull
 from service.grounding import GroundQuery
 from service.worker import ModelWorker
-from service_testlib import MAX_NEW_TOKENS, raw_image, scrape, stub_for
+from service_testlib import MAX_NEW_TOKENS, hold_worker, raw_image, scrape, stub_for
 
 PER_TOKEN = 4 * 2 * 2 * 32 * 4  # tiny model KV bytes per token: layers x (K, V) x kv heads x head dim x fp32
 
@@ -35,12 +35,6 @@ def crops(corpus_dir) -> list[np.ndarray]:
     return out
 
 
-def _hold(handle):
-    release, running = threading.Event(), threading.Event()
-    handle.worker.submit(lambda: (running.set(), release.wait(60)))
-    assert running.wait(10)
-    return release
-
 
 def test_eight_concurrent_callers_are_batched_and_get_their_single_answers(make_server, channels, crops):
     handle, counting = make_server(queue_size=8)
@@ -49,7 +43,7 @@ def test_eight_concurrent_callers_are_batched_and_get_their_single_answers(make_
     requests = [pb.GroundRequest(image=raw_image(c), instruction=t) for c, t in zip(crops, instructions)]
     singles = [stub.Ground(r, timeout=60) for r in requests]  # one at a time: batches of one
     fresh, _ = make_server(queue_size=8)
-    release = _hold(fresh)  # the eight queue up behind a call, then join one batch together
+    release = hold_worker(fresh)  # the eight queue up behind a call, then join one batch together
     stubs = [stub_for(channels(fresh.port)) for _ in requests]
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(s.Ground, r, timeout=120) for s, r in zip(stubs, requests)]

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,7 +19,8 @@ from hypothesis import strategies as st
 from pixelprune.points import grounding_prompt
 from pixelprune_api.grounding.v1 import grounding_pb2 as pb
 from net_testlib import free_port
-from service_testlib import FrameFeed, png_bytes, raw_image, scrape, stub_for
+from service_testlib import (FrameFeed, hold_worker, png_bytes, raw_image, scrape,
+                             status_code, stub_for, wait_until)
 
 SERVICE = "pixelprune.grounding.v1.Grounding"
 
@@ -33,27 +33,7 @@ def small() -> np.ndarray:
     return pixels
 
 
-def _hold_worker(handle):
-    """Occupy the model worker with a job that waits; returns the event that releases it."""
-    release, running = threading.Event(), threading.Event()
-    handle.worker.submit(lambda: (running.set(), release.wait(60)))
-    assert running.wait(10)
-    return release
 
-
-def _wait_until(predicate, timeout=20.0):
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.01)
-
-
-def _code(fn):
-    try:
-        fn()
-        return grpc.StatusCode.OK
-    except grpc.RpcError as exc:
-        return exc.code()
 
 
 def _truncated_png() -> bytes:
@@ -117,7 +97,7 @@ def test_malformed_stream_frames_end_the_stream_with_invalid_argument(make_serve
 
 def test_message_larger_than_the_limit_is_refused(make_server, channels):
     handle, _ = make_server(max_message_bytes=64 * 1024)
-    code = _code(lambda: stub_for(channels(handle.port)).Ground(
+    code = status_code(lambda: stub_for(channels(handle.port)).Ground(
         pb.GroundRequest(image=pb.Image(encoded=bytes(100_000)), instruction="x"), timeout=30))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -144,12 +124,12 @@ def test_many_concurrent_clients(make_server, channels, small):
 def test_full_queue_answers_resource_exhausted_at_once(make_server, channels, small):
     handle, counting = make_server(queue_size=1)
     stub = stub_for(channels(handle.port))
-    release = _hold_worker(handle)
+    release = hold_worker(handle)
     futures = [stub.Ground.future(pb.GroundRequest(image=raw_image(small), instruction=f"q{k}"), timeout=60)
                for k in range(4)]
-    _wait_until(lambda: sum(f.done() for f in futures) == 3)  # three refused while the model is held
+    wait_until(lambda: sum(f.done() for f in futures) == 3)  # three refused while the model is held
     release.set()
-    codes = sorted((_code(f.result) for f in futures), key=lambda c: c.name)
+    codes = sorted((status_code(f.result) for f in futures), key=lambda c: c.name)
     assert codes == [grpc.StatusCode.OK] + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
     assert len(counting.grounded) == 1
     refused = [f for f in futures if f.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
@@ -159,12 +139,12 @@ def test_full_queue_answers_resource_exhausted_at_once(make_server, channels, sm
 def test_deadline_expired_while_queued_is_not_run(make_server, channels, small):
     handle, counting = make_server()
     stub = stub_for(channels(handle.port))
-    release = _hold_worker(handle)
+    release = hold_worker(handle)
     future = stub.Ground.future(pb.GroundRequest(image=raw_image(small), instruction="too late"), timeout=3.0)
-    _wait_until(lambda: handle.worker.depth == 1)  # queued behind the held worker
-    assert _code(future.result) == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: handle.worker.depth == 1)  # queued behind the held worker
+    assert status_code(future.result) == grpc.StatusCode.DEADLINE_EXCEEDED
     release.set()
-    _wait_until(lambda: handle.worker.skipped == 1 and handle.worker.depth == 0)
+    wait_until(lambda: handle.worker.skipped == 1 and handle.worker.depth == 0)
     assert "too late" not in counting.grounded
 
 
@@ -174,24 +154,24 @@ def test_deadline_passing_while_the_model_runs_is_not_counted_as_ok(make_server,
     real_admit = counting.admit
     counting.admit = lambda requests: (time.sleep(1.5), real_admit(requests))[1]  # a slow prefill
     stub = stub_for(channels(handle.port))
-    code = _code(lambda: stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="slow"), timeout=0.5))
+    code = status_code(lambda: stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="slow"), timeout=0.5))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     sample = lambda code: handle.metrics.registry.get_sample_value(  # noqa: E731
         "pixelprune_request_duration_seconds_count", {"rpc": "Ground", "code": code})
-    _wait_until(lambda: sample("DEADLINE_EXCEEDED") == 1)
+    wait_until(lambda: sample("DEADLINE_EXCEEDED") == 1)
     assert counting.grounded == ["slow"] and sample("OK") == 0
 
 
 def test_cancelled_request_is_not_run(make_server, channels, small):
     handle, counting = make_server()
     stub = stub_for(channels(handle.port))
-    release = _hold_worker(handle)
+    release = hold_worker(handle)
     future = stub.Ground.future(pb.GroundRequest(image=raw_image(small), instruction="never mind"), timeout=60)
-    _wait_until(lambda: handle.worker.depth == 1)
+    wait_until(lambda: handle.worker.depth == 1)
     assert future.cancel()
     time.sleep(1.0)  # the server sees the cancellation (RST_STREAM) well within this
     release.set()
-    _wait_until(lambda: handle.worker.skipped == 1 and handle.worker.depth == 0)
+    wait_until(lambda: handle.worker.skipped == 1 and handle.worker.depth == 0)
     assert "never mind" not in counting.grounded
 
 
@@ -202,10 +182,10 @@ def test_auth(make_server, channels, tmp_path, small):
     channel = channels(handle.port)
     stub = stub_for(channel)
     request = pb.GroundRequest(image=raw_image(small), instruction="x")
-    assert _code(lambda: stub.Ground(request)) == grpc.StatusCode.UNAUTHENTICATED
+    assert status_code(lambda: stub.Ground(request)) == grpc.StatusCode.UNAUTHENTICATED
     wrong = [("authorization", "Bearer let-me-out")]
-    assert _code(lambda: stub.Ground(request, metadata=wrong)) == grpc.StatusCode.UNAUTHENTICATED
-    assert _code(lambda: list(stub.GroundStream(iter([pb.Frame(instruction="x")])))) == \
+    assert status_code(lambda: stub.Ground(request, metadata=wrong)) == grpc.StatusCode.UNAUTHENTICATED
+    assert status_code(lambda: list(stub.GroundStream(iter([pb.Frame(instruction="x")])))) == \
         grpc.StatusCode.UNAUTHENTICATED
     right = [("authorization", "Bearer let-me-in")]
     assert stub.Ground(request, metadata=right, timeout=60).total_blocks == 64
@@ -252,15 +232,15 @@ def test_sigterm_drains_in_flight_requests(tiny_checkpoint, corpus_dir, channels
             except grpc.RpcError as exc:
                 return exc.code()
 
-        _wait_until(lambda: status(health_channel) == health_pb2.HealthCheckResponse.SERVING, timeout=120)
+        wait_until(lambda: status(health_channel) == health_pb2.HealthCheckResponse.SERVING, timeout=120)
         data = (corpus_dir / "desktop_pcmanfm_xterm_mousepad_1920x1080.png").read_bytes()
         stub = stub_for(channel)
         futures = [stub.Ground.future(pb.GroundRequest(image=pb.Image(encoded=data), instruction=f"q{k}"),
                                       timeout=300) for k in range(2)]
-        _wait_until(lambda: scrape(metrics_port).get("pixelprune_queue_depth") == 1, timeout=60)
+        wait_until(lambda: scrape(metrics_port).get("pixelprune_queue_depth") == 1, timeout=60)
         proc.send_signal(signal.SIGTERM)  # one request runs, one waits: both must be answered
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        _wait_until(lambda: status(health_channel) == not_serving, timeout=10)
+        wait_until(lambda: status(health_channel) == not_serving, timeout=10)
         assert status(channel) == not_serving  # the main listener still answers, and says so
         late = stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="late"), timeout=120)
         assert late.total_blocks == 64  # a request routed during the drain delay is still served
@@ -308,9 +288,9 @@ def test_every_metric_is_exported_and_moves(make_server, channels, redis_server,
     request = pb.GroundRequest(image=pb.Image(encoded=png_bytes(small)), instruction="a", session_id="m")
     first = stub.Ground(request)
     stub.Ground(request)  # cache hit
-    release = _hold_worker(handle)
+    release = hold_worker(handle)
     queued = stub.Ground.future(pb.GroundRequest(image=raw_image(small), instruction="a", session_id="n"))
-    _wait_until(lambda: scrape(handle.metrics_port)["pixelprune_queue_depth"] == 1)
+    wait_until(lambda: scrape(handle.metrics_port)["pixelprune_queue_depth"] == 1)
     release.set()
     second = queued.result(timeout=60)
     redis_server.stop()
@@ -349,17 +329,17 @@ def test_every_metric_is_exported_and_moves(make_server, channels, redis_server,
 
 def test_cancelled_stream_stops_consuming_work(make_server, channels, small):
     handle, counting = make_server()
-    release = _hold_worker(handle)
+    release = hold_worker(handle)
     frames = iter([pb.Frame(image=raw_image(small), instruction="abandoned", sequence=1)])
     call = stub_for(channels(handle.port)).GroundStream(frames, timeout=60)
-    _wait_until(lambda: handle.worker.depth == 1)
+    wait_until(lambda: handle.worker.depth == 1)
     call.cancel()
     time.sleep(1.0)  # the server sees the cancellation well within this
     release.set()
-    _wait_until(lambda: handle.worker.skipped == 1 and handle.worker.depth == 0)
+    wait_until(lambda: handle.worker.skipped == 1 and handle.worker.depth == 0)
     assert counting.grounded == []
     sample = handle.metrics.registry.get_sample_value
-    _wait_until(lambda: sample("pixelprune_streams_total", {"code": "CANCELLED"}) == 1)
+    wait_until(lambda: sample("pixelprune_streams_total", {"code": "CANCELLED"}) == 1)
     assert sample("pixelprune_stream_frame_duration_seconds_count", {"code": "CANCELLED"}) == 1
     assert sample("pixelprune_streams_total", {"code": "OK"}) == 0
     assert sample("pixelprune_request_duration_seconds_count", {"rpc": "GroundStream", "code": "CANCELLED"}) is None
@@ -373,11 +353,11 @@ def test_tls(make_server, tmp_path, small):
     handle, _ = make_server(tls_cert=str(cert), tls_key=str(key))
     credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
     with grpc.secure_channel(f"localhost:{handle.port}", credentials) as channel:
-        code = _code(lambda: stub_for(channel).Ground(pb.GroundRequest(image=raw_image(small), instruction=""),
+        code = status_code(lambda: stub_for(channel).Ground(pb.GroundRequest(image=raw_image(small), instruction=""),
                                                       timeout=30))
         assert code == grpc.StatusCode.INVALID_ARGUMENT  # reached the servicer over TLS
     with grpc.insecure_channel(f"localhost:{handle.port}") as plain:
-        assert _code(lambda: health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=5)) \
+        assert status_code(lambda: health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=5)) \
             == grpc.StatusCode.UNAVAILABLE
 
 
@@ -386,14 +366,14 @@ def test_stream_waits_for_room_instead_of_failing(make_server, channels, small):
     unary request in the same state is refused); newer frames replace each other meanwhile."""
     handle, counting = make_server(queue_size=1)
     stub = stub_for(channels(handle.port))
-    release = _hold_worker(handle)
+    release = hold_worker(handle)
     queued = stub.Ground.future(pb.GroundRequest(image=raw_image(small), instruction="unary"), timeout=60)
-    _wait_until(lambda: handle.worker.depth == 1)
+    wait_until(lambda: handle.worker.depth == 1)
     feed = FrameFeed()
     responses = stub.GroundStream(iter(feed), timeout=60)
     feed.send(pb.Frame(image=raw_image(small), instruction="first", sequence=1))
-    _wait_until(lambda: handle.worker.waiting == 1)  # frame 1 waits for room
-    assert _code(lambda: stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="x"), timeout=10)) == \
+    wait_until(lambda: handle.worker.waiting == 1)  # frame 1 waits for room
+    assert status_code(lambda: stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="x"), timeout=10)) == \
         grpc.StatusCode.RESOURCE_EXHAUSTED
     for sequence in (2, 3):
         newer = small.copy()

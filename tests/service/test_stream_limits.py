@@ -13,16 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pixelprune_api.grounding.v1 import grounding_pb2 as pb
 from service.errors import StreamIdle
 from service.streams import SKIPPED_FRAMES_KEY, NewestFrame, Pending
-from service_testlib import FrameFeed, raw_image, stub_for
+from service_testlib import FrameFeed, raw_image, stub_for, wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
-
-def _wait_until(predicate, timeout=20.0):
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +41,7 @@ def test_silent_streams_fill_the_rpc_limit_health_still_answers_and_they_are_clo
     feeds = [FrameFeed() for _ in range(3)]
     calls = [stub.GroundStream(iter(feed), timeout=60) for feed in feeds]  # open, never send a frame
     sample = handle.metrics.registry.get_sample_value
-    _wait_until(lambda: sample("pixelprune_open_streams") == 3, timeout=10)
+    wait_until(lambda: sample("pixelprune_open_streams") == 3, timeout=10)
 
     def refused():
         try:
@@ -68,7 +62,7 @@ def test_silent_streams_fill_the_rpc_limit_health_still_answers_and_they_are_clo
         outcomes.append((info.value.code(), info.value.details(), _trailing(call).get(SKIPPED_FRAMES_KEY)))
     assert outcomes == [(grpc.StatusCode.DEADLINE_EXCEEDED,
                          "stream closed: no frame for 2 s (--stream-idle-timeout-s)", "0")] * 3
-    _wait_until(lambda: sample("pixelprune_streams_total", {"code": "DEADLINE_EXCEEDED"}) == 3)
+    wait_until(lambda: sample("pixelprune_streams_total", {"code": "DEADLINE_EXCEEDED"}) == 3)
     assert sample("pixelprune_open_streams") == 0
     assert stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="x"), timeout=60).total_blocks == 64
     assert _check(channels(handle.port)) == SERVING  # the main port's health answers again too
@@ -102,7 +96,7 @@ def test_frames_left_unanswered_are_reported_in_trailing_metadata(make_server, c
     feed = FrameFeed()
     call = stub_for(channels(handle.port)).GroundStream(iter(feed), timeout=60)
     feed.send(pb.Frame(image=raw_image(small), instruction="first", session_id="s", sequence=1))
-    _wait_until(lambda: handle.worker.depth == 1)
+    wait_until(lambda: handle.worker.depth == 1)
     for sequence in (2, 3):
         feed.send(pb.Frame(image=raw_image(small), sequence=sequence))
     feed.send(pb.Frame(image=raw_image(small), session_id="other", sequence=4))
@@ -116,7 +110,7 @@ def test_frames_left_unanswered_are_reported_in_trailing_metadata(make_server, c
     assert _trailing(call)[SKIPPED_FRAMES_KEY] == "2"
     assert counting.grounded == ["first"]
     sample = handle.metrics.registry.get_sample_value
-    _wait_until(lambda: sample("pixelprune_streams_total", {"code": "INVALID_ARGUMENT"}) == 1)
+    wait_until(lambda: sample("pixelprune_streams_total", {"code": "INVALID_ARGUMENT"}) == 1)
     assert sample("pixelprune_stream_skipped_frames_total") == 2
     assert sample("pixelprune_stream_frame_duration_seconds_count", {"code": "OK"}) == 1
 
@@ -133,7 +127,7 @@ def test_each_frame_is_one_observation_and_a_whole_stream_none_in_the_unary_hist
     feed.send(None)
     assert list(call) == [] and _trailing(call)[SKIPPED_FRAMES_KEY] == "0"
     sample = handle.metrics.registry.get_sample_value
-    _wait_until(lambda: sample("pixelprune_streams_total", {"code": "OK"}) == 1)
+    wait_until(lambda: sample("pixelprune_streams_total", {"code": "OK"}) == 1)
     assert sample("pixelprune_stream_frame_duration_seconds_count", {"code": "OK"}) == 3
     assert sample("pixelprune_stream_frame_duration_seconds_sum", {"code": "OK"}) > 0
     assert sample("pixelprune_request_duration_seconds_count", {"rpc": "GroundStream", "code": "OK"}) is None

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from pixelprune_api.grounding.v1 import grounding_pb2 as pb
 from service.errors import Undecodable, tolerant
 from service.metrics import CODES
-from service_testlib import FrameFeed, raw_image, scrape, stub_for
+from service_testlib import FrameFeed, raw_image, scrape, status_code, stub_for
 
 GROUND = "/pixelprune.grounding.v1.Grounding/Ground"
 STREAM = "/pixelprune.grounding.v1.Grounding/GroundStream"
@@ -28,13 +28,6 @@ def _non_utf8_instruction() -> bytes:
     """A GroundRequest whose instruction (field 2, a proto3 string) holds bytes that are not UTF-8."""
     return b"\x12\x02\xff\xfe"
 
-
-def _code(fn):
-    try:
-        fn()
-        return grpc.StatusCode.OK
-    except grpc.RpcError as exc:
-        return exc.code()
 
 
 def test_tolerant_deserializer():
@@ -83,7 +76,7 @@ def test_fuzzed_bytes_never_give_internal(make_server, channels):
                      st.integers(0, len(valid)).map(lambda n: valid[:n])))
     def check(payload):
         sent.append(payload)
-        assert _code(lambda: call(payload, timeout=10)) == grpc.StatusCode.INVALID_ARGUMENT
+        assert status_code(lambda: call(payload, timeout=10)) == grpc.StatusCode.INVALID_ARGUMENT
 
     check()
     samples = scrape(handle.metrics_port)
