@@ -208,6 +208,8 @@ def run_stream(stub, base, stream: int, duration: float, fps: float, out: dict) 
         out["codes"].append("OK")
     except grpc.RpcError as exc:
         out["codes"].append(exc.code().name)
+    with lock:
+        out["per_stream"].append(outbox.qsize())  # answers this stream got (fairness across streams)
     while not outbox.empty():
         latency, skipped, hit = outbox.get()
         out["latency"].append(latency)
@@ -221,7 +223,8 @@ def streams(model: str, counts: list[int], duration: float, fps: float) -> list[
     results = []
     for count in counts:
         server = Server(model, "--max-new-tokens", "1")
-        out = {"lock": threading.Lock(), "sent": 0, "codes": [], "latency": [], "skipped": [], "hits": []}
+        out = {"lock": threading.Lock(), "sent": 0, "codes": [], "latency": [], "skipped": [], "hits": [],
+               "per_stream": []}
         stub = server.stub()
         threads = [threading.Thread(target=run_stream, args=(stub, base, k, duration, fps, out))
                    for k in range(count)]
@@ -307,12 +310,12 @@ def overhead_section(model: str, runs: int) -> None:
 
 def streams_section(model: str, counts: list[int], duration: float, fps: float) -> None:
     print(f"\n### 3. Concurrent streams, {duration:.0f} s each, {fps:g} fps per stream, 640x480 raw\n")
-    print("| streams | frames sent | answers | answers/s | cache hits | skipped | stream end codes | "
-          "latency p50 ms | p95 ms |\n| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
+    print("| streams | frames sent | answers | answers/s | answers per stream min / max | cache hits | skipped | "
+          "stream end codes | latency p50 ms | p95 ms |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
     for r in streams(model, counts, duration, fps):
         codes = ", ".join(f"{k} {v}" for k, v in sorted(Counter(r["codes"]).items()))
         print(f"| {r['streams']} | {r['sent']} | {len(r['latency'])} | {len(r['latency']) / r['elapsed']:.1f} | "
-              f"{sum(r['hits'])} | {sum(r['skipped'])} | {codes} | {pct(r['latency'], 50):.0f} | "
+              f"{min(r['per_stream'])} / {max(r['per_stream'])} | {sum(r['hits'])} | {sum(r['skipped'])} | {codes} | {pct(r['latency'], 50):.0f} | "
               f"{pct(r['latency'], 95):.0f} |")
 
 
