@@ -168,7 +168,7 @@ class Grounder:
                 original_size=prepared.original_size, resized_size=prepared.resized_size,
                 block_hashes=hashes.astype("<u8", copy=False).tobytes(), source_digest=src, content_key=content,
                 instruction=query.instruction, settings=key, answer=answer))
-        prep_s = sum(prepared.timings.values())
+        prep_s = prepared.prepare_s  # spent on this thread before queueing (a lazy patchify runs on the worker)
         ttft_s = (job.started - arrival) + output.timings["ttft"] - prep_s
         timings = {**output.timings, "decode": decode_s, "queue": job.queue_wait_s, "ttft": ttft_s}
         self.metrics.record_stages({k: v for k, v in timings.items() if k != "vit" or not output.vision_reused})

@@ -74,14 +74,34 @@ class PreparedImage:
     keep: np.ndarray  # bool (h/32, w/32): True = block kept (one visual token)
     kept_blocks: int  # number of True in keep
     total_blocks: int  # (h/32) * (w/32)
-    pixel_values: torch.Tensor  # (4*kept_blocks, 1536): processor rows of the kept blocks only
+    staged_rows: torch.Tensor | None  # pixel_values built already (device path); None: built on first use
+    rows_spec: tuple  # (mean, std, device, dtype) of the rows `pixel_values` builds on first use
     image_grid_thw: tuple[int, int, int]  # (1, h/16, w/16): the FULL patch grid
-    timings: dict  # seconds: "resize", "select", "patchify"; the device path adds "upload"
+    timings: dict  # seconds: "resize", "select", "patchify" (0 until the rows are built); device path: "upload"
+    prepare_s: float  # seconds spent by prepare_image itself (the caller's thread), before any lazy step
 
     @property
     def retain_ratio(self) -> float:
         """Kept fraction of the visual tokens."""
         return self.kept_blocks / self.total_blocks
+
+    @cached_property
+    def pixel_values(self) -> torch.Tensor:
+        """(4*kept_blocks, 1536) processor rows of the kept blocks only, on the model's device.
+
+        On the CPU path they are built here, on first use, not in prepare_image: the image stays
+        uint8 (a quarter of the float32 rows' size) until the model worker needs it, and a
+        request whose vision features are cached never builds them. The time goes to
+        timings["patchify"]."""
+        if self.staged_rows is not None:
+            return self.staged_rows
+        start = time.perf_counter()
+        mean, std, device, dtype = self.rows_spec
+        rows = kept_pixel_values(self.pixels, None if self.kept_blocks == self.total_blocks else self.keep,
+                                 mean=mean, std=std)
+        tensor = torch.from_numpy(rows).to(device=device, dtype=dtype)
+        self.timings["patchify"] = time.perf_counter() - start
+        return tensor
 
     @cached_property
     def pixels(self) -> np.ndarray:
@@ -120,7 +140,7 @@ def prepare_image(image, settings: PruneSettings, spec: VisionSpec, device="cpu"
         staged = prepare_on_device(original, (new_h, new_w), settings, mean=spec.image_mean,
                                    std=spec.image_std, device=device, dtype=dtype)
         timings = {**staged.timings, "upload": staged.timings["upload"] + converted}
-        return _prepared(original, staged.resized, staged.keep, staged.pixel_values, timings)
+        return _prepared(original, staged.resized, staged.keep, staged.pixel_values, None, timings)
     pixels = resize_to(original, new_h, new_w)
     t1 = time.perf_counter()
     grid = (new_h // BLOCK_SIZE, new_w // BLOCK_SIZE)
@@ -128,23 +148,19 @@ def prepare_image(image, settings: PruneSettings, spec: VisionSpec, device="cpu"
         keep = select_blocks(pixels, method=settings.method, metric=settings.metric, tau=settings.tau)
     else:
         keep = np.ones(grid, dtype=bool)
-    kept = int(np.count_nonzero(keep))
     t2 = time.perf_counter()
-    rows = kept_pixel_values(pixels, None if kept == keep.size else keep,
-                             mean=spec.image_mean, std=spec.image_std)
-    pixel_values = torch.from_numpy(rows).to(device=device, dtype=dtype)
-    t3 = time.perf_counter()
-    return _prepared(original, pixels, keep, pixel_values,
-                     {"resize": t1 - t0, "select": t2 - t1, "patchify": t3 - t2})
+    return _prepared(original, pixels, keep, None, (spec.image_mean, spec.image_std, device, dtype),
+                     {"resize": t1 - t0, "select": t2 - t1, "patchify": 0.0})
 
 
-def _prepared(original: np.ndarray, resized, keep: np.ndarray, pixel_values: torch.Tensor,
-              timings: dict) -> PreparedImage:
+def _prepared(original: np.ndarray, resized, keep: np.ndarray, staged_rows: torch.Tensor | None,
+              rows_spec: tuple | None, timings: dict) -> PreparedImage:
     new_h, new_w = resized.shape[:2]
     return PreparedImage(
         original_size=(original.shape[1], original.shape[0]), resized_size=(new_w, new_h), resized=resized,
         keep=keep, kept_blocks=int(np.count_nonzero(keep)), total_blocks=int(keep.size),
-        pixel_values=pixel_values, image_grid_thw=image_grid_thw(new_h, new_w), timings=timings)
+        staged_rows=staged_rows, rows_spec=rows_spec, image_grid_thw=image_grid_thw(new_h, new_w),
+        timings=timings, prepare_s=sum(timings.values()))
 
 
 def image_token_id(processor) -> int:

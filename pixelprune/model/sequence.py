@@ -117,7 +117,7 @@ class Sequence:
         raw_text = engine.processor.tokenizer.decode(self.tokens, skip_special_tokens=True)
         found = parse_point(raw_text)
         point = None if found is None else point_to_pixels((found.x, found.y), prepared.original_size)
-        prep_s = sum(prepared.timings.values())
+        prep_s = prepared.prepare_s  # the caller's thread; a lazy patchify is inside the window below
         return GroundingOutput(
             raw_text=raw_text, point=point, point_normalized=None if found is None else normalize_point((found.x, found.y)),
             kept_blocks=prepared.kept_blocks, total_blocks=prepared.total_blocks,

@@ -123,7 +123,7 @@ def test_failing_requests_fail_alone(engine, frames):
     vision = engine.encode(good)
     corrupt = dataclasses.replace(vision, embeds=(vision.embeds[0][:-1],))
     bad = [GroundRequest(good, "x", vision=other_vision),
-           GroundRequest(dataclasses.replace(good, pixel_values=good.pixel_values[:-4]), "x"),
+           GroundRequest(dataclasses.replace(good, staged_rows=good.pixel_values[:-4]), "x"),
            GroundRequest(good, "x", vision=corrupt),
            GroundRequest(good, "x", prompt="no placeholder")]
     mixed = [bad[0], reqs[0], bad[1], reqs[1], bad[2], reqs[2], bad[3]]

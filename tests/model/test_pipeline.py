@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pixelprune.model.processor import load_processor
 
-from pixelprune.geometry import kept_patch_rows, resize_to, smart_resize
-from pixelprune.model.pipeline import PruneSettings, build_inputs, user_message, vision_spec
+from pixelprune.geometry import kept_patch_rows, kept_pixel_values, resize_to, smart_resize
+from pixelprune.model.pipeline import PruneSettings, build_inputs, prepare_image, user_message, vision_spec
+from pixelprune.model.processor import load_processor
 from pixelprune.selectors import select_blocks
 
 TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")
@@ -148,3 +148,19 @@ def test_inputs_feed_the_adapter_like_the_processors_full_rows(processor, tiny_c
     kept_len = ref["input_ids"].shape[1] - (ours.images[0].total - ours.images[0].kept)
     assert a.shape == (1, kept_len, model.config.text_config.vocab_size)
     assert torch.equal(a, b)
+
+
+def test_rows_stay_uint8_until_first_use(processor, web_page):
+    """On the CPU path prepare_image stops at the keep mask: the float rows are built when the
+    model first reads them (on the service's model worker), once, and never for a request whose
+    vision features are cached."""
+    spec = vision_spec(processor)
+    prepared = prepare_image(web_page, PruneSettings(), spec)
+    assert "pixel_values" not in vars(prepared) and prepared.timings["patchify"] == 0.0
+    assert prepared.prepare_s == pytest.approx(prepared.timings["resize"] + prepared.timings["select"])
+    rows = prepared.pixel_values
+    assert prepared.timings["patchify"] > 0 and prepared.pixel_values is rows  # built once
+    expected = kept_pixel_values(prepared.pixels, prepared.keep, mean=spec.image_mean, std=spec.image_std)
+    assert rows.dtype == torch.float32 and rows.shape == (4 * prepared.kept_blocks, 1536)
+    np.testing.assert_array_equal(rows.numpy(), expected)
+
