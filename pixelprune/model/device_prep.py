@@ -38,7 +38,7 @@ from pixelprune.geometry import (
     BLOCK_SIZE, IMAGE_MEAN, IMAGE_STD, MERGE_SIZE, PATCH_SIZE, ROW_SIZE, TEMPORAL_PATCH_SIZE,
     _bicubic_taps, _lookup_table, check_pixels,
 )
-from pixelprune.model.selectors_torch import select_blocks_torch
+from pixelprune.model.selectors_torch import check_image_tensor, select_blocks_torch
 from pixelprune.selectors import select_blocks, threshold_units
 from pixelprune.settings import PruneSettings
 
@@ -46,16 +46,6 @@ _PRECISION_BITS = 22  # Pillow Resample.c: 32 - 8 - 2
 _ROUND = 1 << (_PRECISION_BITS - 1)  # added before the shift: round half up
 _TAP_CACHE = 64  # (in size, out size) tap tables kept; screenshots repeat a few sizes
 _PILLOW_MAJOR = int(PIL.__version__.split(".")[0])  # the pass order changed in Pillow 13
-
-
-def _check_image(pixels) -> tuple[int, int]:
-    if not isinstance(pixels, torch.Tensor):
-        raise ValueError(f"expected a torch uint8 (H, W, 3) tensor, got {type(pixels).__name__}")
-    if pixels.dtype != torch.uint8:
-        raise ValueError(f"expected dtype torch.uint8, got {pixels.dtype}")
-    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.shape[0] == 0 or pixels.shape[1] == 0:
-        raise ValueError(f"expected a non-empty (H, W, 3) tensor, got shape {tuple(pixels.shape)}")
-    return int(pixels.shape[0]), int(pixels.shape[1])
 
 
 @lru_cache(maxsize=_TAP_CACHE)
@@ -97,7 +87,7 @@ def _vertical_first(in_h: int, in_w: int, out_h: int, out_w: int, pillow_major: 
 def resize_torch(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Resize a uint8 (H, W, 3) tensor to (height, width) on its device, bit-identical to
     `geometry.resize_to` (Pillow's BICUBIC). Returns the input itself when nothing changes."""
-    in_h, in_w = _check_image(pixels)
+    in_h, in_w = check_image_tensor(pixels)
     if height <= 0 or width <= 0:
         raise ValueError(f"target size must be positive, got {width}x{height} (WxH)")
     passes = [(1, width)] if in_w != width else []  # a pass only for a side that changes
@@ -133,7 +123,7 @@ def kept_pixel_values_torch(pixels: torch.Tensor, keep: torch.Tensor | None = No
     16, 16). `keep`: bool (H/32, W/32) tensor on any device (a host mask avoids a device
     sync); None keeps every block."""
     mean, std = _check_mean_std(mean, std)
-    height, width = _check_image(pixels)
+    height, width = check_image_tensor(pixels)
     if height % BLOCK_SIZE or width % BLOCK_SIZE:
         raise ValueError(f"image sides must be multiples of {BLOCK_SIZE} px, got {width}x{height} (WxH)")
     grid = (height // BLOCK_SIZE, width // BLOCK_SIZE)

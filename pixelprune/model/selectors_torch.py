@@ -24,14 +24,19 @@ _ROW_BYTES = BLOCK_SIZE * 3  # 96 bytes: one pixel row of one block
 _ROW_WORDS = _ROW_BYTES // 8  # 12 int64 words
 
 
-def _check(pixels) -> tuple[int, int]:
+def check_image_tensor(pixels) -> tuple[int, int]:
+    """(H, W) of a non-empty uint8 (H, W, 3) torch tensor; ValueError for anything else."""
     if not isinstance(pixels, torch.Tensor):
         raise ValueError(f"expected a torch uint8 (H, W, 3) tensor, got {type(pixels).__name__}")
     if pixels.dtype != torch.uint8:
         raise ValueError(f"expected dtype torch.uint8, got {pixels.dtype}")
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.shape[0] == 0 or pixels.shape[1] == 0:
         raise ValueError(f"expected a non-empty (H, W, 3) tensor, got shape {tuple(pixels.shape)}")
-    height, width = pixels.shape[:2]
+    return int(pixels.shape[0]), int(pixels.shape[1])
+
+
+def _check(pixels) -> tuple[int, int]:
+    height, width = check_image_tensor(pixels)
     if height % BLOCK_SIZE or width % BLOCK_SIZE:
         raise ValueError(f"image sides must be multiples of {BLOCK_SIZE} px, got {width}x{height} (WxH)")
     return height // BLOCK_SIZE, width // BLOCK_SIZE
