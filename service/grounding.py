@@ -30,7 +30,6 @@ from pixelprune.hashing import block_hashes
 from pixelprune.keepmask import pack_keep
 from pixelprune.settings import PruneSettings
 from pixelprune.model.request import GroundRequest
-from service.cache import vision_key
 from service.errors import DeadlineExpired
 from service.images import RawImage, decode_image
 from service.metrics import ServiceMetrics
@@ -101,8 +100,13 @@ def changed_fraction(previous: SessionState | None, hashes: np.ndarray) -> float
 
 
 def frame_key(tenant: str, content_digest: bytes, settings: tuple, resized_size: tuple[int, int]) -> tuple:
-    """The engine's cache key of one frame (prompt prefix and vision features); one engine = one model."""
-    return (tenant,) + vision_key(content_digest, settings, resized_size)
+    """The engine's cache key of one frame (vision features and prompt prefix); one engine = one model.
+
+    The same pixels pruned the same way give the same kept blocks, so the same features and
+    prefix. The content digest is exact (blake2b of the bytes as sent) because the caches are
+    shared across sessions; the tenant keeps them apart across tenants. The caches live in the
+    engine (`--vision-cache-size` entries, `--prefix-cache-bytes` bytes)."""
+    return (tenant, bytes(content_digest), tuple(settings), tuple(resized_size))
 
 
 class Grounder:

@@ -8,7 +8,6 @@ each one's numbers. Time histograms span a millisecond to a minute.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -68,7 +67,6 @@ class ServiceMetrics:
             self.stage_duration.labels(stage=stage)
         for kind in ("kept", "pruned"):
             self.visual_tokens.labels(kind=kind)
-        self._in_use_lock = threading.Lock()
         self.batch_size = Histogram("pixelprune_batch_size", "Sequences decoded together in one model step.",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.time_per_output_token = Histogram(
@@ -148,14 +146,10 @@ class ServiceMetrics:
         self.kv_cache_bytes.observe(kv_cache_bytes)
         self.ttft.observe(ttft_s)
 
-    def set_kv_in_use(self, nbytes: int) -> None:
-        with self._in_use_lock:
-            self.kv_cache_in_use.set(nbytes)
-
     def record_step(self, batch_size: int, kv_in_use_bytes: int) -> None:
         """One decode step of the batch: its size, and the KV bytes its sequences hold after it."""
         self.batch_size.observe(batch_size)
-        self.set_kv_in_use(kv_in_use_bytes)
+        self.kv_cache_in_use.set(kv_in_use_bytes)
 
     def record_decode(self, decode_seconds: float, generated_tokens: int) -> None:
         """Time per output token of one request (vLLM's TPOT): decode time over the tokens after the first."""

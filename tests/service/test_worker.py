@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from service.cache import vision_key
+from service.grounding import frame_key
 from service.errors import Cancelled, DeadlineExpired, QueueFull
 from service.worker import ModelWorker
 
@@ -99,11 +99,12 @@ def test_submit_racing_with_stop_is_failed_not_left_hanging():
     assert w.depth == 0
 
 
-def test_vision_key_separates_settings_and_sizes():
-    a = vision_key(b"d", (True, "pred2d", "max", 0.0), (64, 32))
-    assert a == vision_key(bytearray(b"d"), [True, "pred2d", "max", 0.0], [64, 32])
-    assert a != vision_key(b"d", (False, "pred2d", "max", 0.0), (64, 32))
-    assert a != vision_key(b"d", (True, "pred2d", "max", 0.0), (32, 64))
+def test_frame_key_separates_tenants_settings_and_sizes():
+    a = frame_key("t", b"d", (True, "pred2d", "max", 0.0), (64, 32))
+    assert a == frame_key("t", bytearray(b"d"), [True, "pred2d", "max", 0.0], [64, 32])
+    assert a != frame_key("t", b"d", (False, "pred2d", "max", 0.0), (64, 32))
+    assert a != frame_key("t", b"d", (True, "pred2d", "max", 0.0), (32, 64))
+    assert a != frame_key("u", b"d", (True, "pred2d", "max", 0.0), (64, 32))
 
 
 def test_waiting_for_room_while_wanted(worker):
