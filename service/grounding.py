@@ -113,18 +113,14 @@ class Grounder:
     """Runs GroundQuery -> GroundAnswer against one engine, session store and (batching) worker."""
 
     def __init__(self, engine, store: SessionStore, worker: ModelWorker, metrics: ServiceMetrics,
-                 max_image_pixels: int, max_instruction_chars: int):
+                 max_image_pixels: int):
         self.engine, self.store, self.worker = engine, store, worker
         self.metrics = metrics
-        self.max_image_pixels, self.max_instruction_chars = max_image_pixels, max_instruction_chars
+        self.max_image_pixels = max_image_pixels
 
     def validate(self, query: GroundQuery) -> None:
-        """ValueError (-> INVALID_ARGUMENT) for a bad instruction or session id."""
-        if not query.instruction or not query.instruction.strip():
-            raise ValueError("instruction is empty")
-        if len(query.instruction) > self.max_instruction_chars:
-            raise ValueError(f"instruction has {len(query.instruction)} characters, more than "
-                             f"{self.max_instruction_chars}")
+        """ValueError (-> INVALID_ARGUMENT) for a bad session id. The instruction was checked at the
+        edge, before the image was admitted (service/admission.py InstructionLimits)."""
         if query.session_id and not SESSION_ID.fullmatch(query.session_id):
             raise ValueError("session_id must be 1..128 characters of [A-Za-z0-9._:-]")
 

@@ -213,8 +213,7 @@ def create_server(config: ServiceConfig, engine=None, registry: CollectorRegistr
     metrics = ServiceMetrics(registry)
     worker = ModelWorker(config.queue_size, on_depth=metrics.record_queue_depth, on_wait=metrics.record_queue_wait,
                          engine=engine, on_step=lambda step: metrics.record_step(step.batch_size, step.kv_bytes))
-    grounder = Grounder(engine, _session_store(config, metrics), worker, metrics, config.max_image_pixels,
-                        config.max_instruction_chars)
+    grounder = Grounder(engine, _session_store(config, metrics), worker, metrics, config.max_image_pixels)
     server = _grpc_server(config, metrics, tenants)
     admission = _admission(config, engine, metrics)
     pb_grpc.add_GroundingServicer_to_server(
