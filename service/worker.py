@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 WAIT_POLL_S = 0.05  # how often a submitter waiting for room re-checks whether it still wants to wait
 
 
-@dataclass
+@dataclass(eq=False)  # waiting lines compare jobs by identity (the generated __eq__ would compare numpy fields)
 class _Job:
     work: Any  # a callable (runs alone) or an engine request (joins the batch)
     batched: bool  # True: `work` is an engine request

@@ -121,3 +121,50 @@ def test_waiting_for_room_while_wanted(worker):
     with pytest.raises(QueueFull):
         worker.submit(lambda: 3, wait_while=lambda: wanted[0])
     release2.set()
+
+
+def test_a_waiter_behind_the_head_that_gives_up_leaves_the_line(worker):
+    """Waiters hold requests with numpy arrays: a waiter not at the head that gives up must leave the
+    line (identity, not field equality), and the worker must take new work afterwards."""
+    from dataclasses import dataclass
+
+    import numpy as np
+
+    release = _block(worker)
+    worker.submit(lambda: 1), worker.submit(lambda: 2)  # the queue (2) is full
+    head_wanted, second_wanted = [True], [True]
+    errors = []
+
+    @dataclass(frozen=True)
+    class Call:  # like a GroundRequest: a dataclass holding arrays (its == is ambiguous)
+        payload: np.ndarray
+
+        def __call__(self):
+            return self.payload
+
+    def wait(wanted, payload):
+        try:
+            worker.submit(Call(payload), wait_while=lambda: wanted[0])
+        except QueueFull as exc:
+            errors.append(str(exc))
+
+    head = threading.Thread(target=wait, args=(head_wanted, np.zeros(3)))
+    head.start()
+    deadline = time.monotonic() + 5
+    while worker.waiting < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = threading.Thread(target=wait, args=(second_wanted, np.zeros(3)))
+    second.start()
+    while worker.waiting < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.waiting == 2
+    second_wanted[0] = False  # the waiter behind the head gives up
+    second.join(5)
+    assert errors == ["gave up waiting for the model queue"] and worker.waiting == 1
+    head_wanted[0] = False
+    head.join(5)
+    assert worker.waiting == 0
+    release.set()
+    while worker.depth and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.run(lambda: 42).value == 42  # no dead job is left in the line: new work is taken at once
