@@ -47,7 +47,8 @@ class ServiceConfig:
     prune: PruneSettings = PruneSettings()  # default pruning (requests may override each field)
     log_level: str = "INFO"  # Python logging level name
     max_batch_size: int = 32  # sequences the model decodes together
-    max_batch_tokens: int = 32768  # KV-cache positions of the batch: rows x (longest prompt + new tokens, bucketed)
+    max_batch_tokens: int | None = None  # KV pool positions: rows x (longest prompt + new tokens, bucketed);
+    #                                      None: sized from free device memory on CUDA, 32768 on a CPU
     no_cuda_graphs: bool = False  # decode eagerly on CUDA (no graph capture)
     stop_after_point: bool = False  # end an answer as soon as it holds a closed point
     prefix_cache_bytes: int = 1024 * MIB  # device bytes of cached prompt prefixes (LRU; 0 = off)
@@ -57,6 +58,10 @@ class ServiceConfig:
     stream_idle_timeout_s: float = 60.0  # a stream with no frame for this long (nothing pending) is closed; 0 = never
     health_port: int = 0  # plaintext grpc.health.v1 server outside --max-concurrent-rpcs (0 = any free port, -1 = off)
     drain_delay_s: float = 5.0  # on SIGTERM: seconds of NOT_SERVING while still serving, before the drain grace
+    kv_cache_memory_fraction: float = 0.5  # CUDA without --max-batch-tokens: share of free memory the KV pool takes
+    max_prefill_tokens: int = 8192  # prompt tokens prefilled per engine step (a step's first prompt may exceed it)
+    admission_wait_s: float = 1.0  # how long a Ground call waits in line for room before RESOURCE_EXHAUSTED
+    stall_timeout_s: float = 30.0  # work waiting with no progress this long: health NOT_SERVING until it resumes
 
     def validate(self) -> "ServiceConfig":
         """Raise ValueError (one line) for a setting that cannot work; return self."""
@@ -79,7 +84,13 @@ class ServiceConfig:
             (self.redis_url is None or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
              "--redis-url must start with redis://, rediss:// or unix://"),
             (self.max_batch_size >= 1, f"--max-batch-size must be >= 1, got {self.max_batch_size}"),
-            (self.max_batch_tokens >= 256, f"--max-batch-tokens must be >= 256, got {self.max_batch_tokens}"),
+            (self.max_batch_tokens is None or self.max_batch_tokens >= 256,
+             f"--max-batch-tokens must be >= 256, got {self.max_batch_tokens}"),
+            (0 < self.kv_cache_memory_fraction <= 1,
+             f"--kv-cache-memory-fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"),
+            (self.max_prefill_tokens >= 1, f"--max-prefill-tokens must be >= 1, got {self.max_prefill_tokens}"),
+            (self.admission_wait_s >= 0 and math.isfinite(self.admission_wait_s), "--admission-wait-s must be >= 0"),
+            (self.stall_timeout_s > 0 and math.isfinite(self.stall_timeout_s), "--stall-timeout-s must be > 0"),
             (self.prefix_cache_bytes >= 0, f"--prefix-cache-bytes must be >= 0, got {self.prefix_cache_bytes}"),
         ]
         checks += self._hardening_checks()
@@ -190,7 +201,11 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("prune_tau", "--prune-tau", float, "default tau in [0, 1] (0 = lossless)"),
     ("log_level", "--log-level", str, "DEBUG, INFO, WARNING, ERROR"),
     ("max_batch_size", "--max-batch-size", int, "sequences decoded together"),
-    ("max_batch_tokens", "--max-batch-tokens", int, "KV-cache positions of the batch (rows x longest sequence)"),
+    ("max_batch_tokens", "--max-batch-tokens", int,
+     "KV pool positions (rows x longest sequence); unset: from free device memory on CUDA, 32768 on CPU"),
+    ("kv_cache_memory_fraction", "--kv-cache-memory-fraction", float,
+     "CUDA without --max-batch-tokens: share of the free device memory the KV pool takes"),
+    ("max_prefill_tokens", "--max-prefill-tokens", int, "prompt tokens prefilled per engine step"),
     ("prefix_cache_bytes", "--prefix-cache-bytes", int, "device bytes of cached prompt prefixes (0 = off)"),
     # --- hardening (issue 11) ---
     ("max_inflight_pixels", "--max-inflight-pixels", int,
@@ -200,6 +215,10 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
      "close a stream that sends no frame this long (0 = never)"),
     ("health_port", "--health-port", int, "plaintext health server outside the RPC limit (0 = any, -1 = off)"),
     ("drain_delay_s", "--drain-delay-s", float, "seconds of NOT_SERVING on SIGTERM before stopping the listener"),
+    ("admission_wait_s", "--admission-wait-s", float,
+     "seconds a Ground call waits in line for room (pixels, queue) before RESOURCE_EXHAUSTED"),
+    ("stall_timeout_s", "--stall-timeout-s", float,
+     "seconds of waiting work without progress before health turns NOT_SERVING"),
 ]
 # On/off switches: (field, flag, help); PIXELPRUNE_<FLAG> takes true/false.
 _SWITCHES: list[tuple[str, str, str]] = [

@@ -5,12 +5,13 @@
     -> changed fraction vs the previous frame -> (all blocks equal, same instruction and settings:
        answer from the session, as ARCHITECTURE.md prescribes; a hash collision could only
        mislead the client's own session, with probability ~2**-64 per changed block)
-    -> on the model worker, batched with other requests: prompt prefix or vision features
-       reused for the same frame (skip the ViT and the image's prefill), prefill, decode
+    -> a place in the engine's waiting line (service/admission.py) -> the engine loop, batched
+       with other requests: prompt prefix or vision features reused for the same frame (skip
+       the ViT and the image's prefill), prefill, decode
     -> save the session -> GroundAnswer
 
-Everything before the model step runs on the calling RPC thread, so the single
-model worker only ever runs the model. The engine's prefix and vision caches are
+Everything before the model step runs on the calling RPC thread, so the engine
+loop's thread only ever runs the model. The engine's prefix and vision caches are
 shared by all sessions, so their key is exact: the tenant, a cryptographic digest of
 the request's image bytes (never the 64-bit block hashes), the pruning settings and
 the resized size. No gRPC types here: the servicer converts.
@@ -30,11 +31,12 @@ from pixelprune.hashing import block_hashes
 from pixelprune.keepmask import pack_keep
 from pixelprune.settings import PruneSettings
 from pixelprune.model.request import GroundRequest
-from service.errors import DeadlineExpired
+from pixelprune.model.scheduler import Status
+from service.admission import STREAM, UNARY, Admission
+from service.errors import Cancelled, DeadlineExpired
 from service.images import RawImage, decode_image
 from service.metrics import ServiceMetrics
 from service.sessions import CachedAnswer, SessionState, SessionStore, session_key
-from service.worker import ModelWorker
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -74,6 +76,7 @@ class GroundAnswer:
     keep: np.ndarray | None = field(default=None, compare=False)
     prefix_cache_hit: bool = False  # the prompt prefix's keys/values were reused: only the instruction was prefilled
     kv_cache_bytes: int = 0  # key/value bytes of the prompt's cache after prefill (0: the model did not run)
+    answer_logprob: float = 0.0  # sum of the answer tokens' natural-log probabilities under the model
 
     @property
     def retain_ratio(self) -> float:
@@ -110,13 +113,14 @@ def frame_key(tenant: str, content_digest: bytes, settings: tuple, resized_size:
 
 
 class Grounder:
-    """Runs GroundQuery -> GroundAnswer against one engine, session store and (batching) worker."""
+    """Runs GroundQuery -> GroundAnswer against one engine (through its loop) and session store."""
 
-    def __init__(self, engine, store: SessionStore, worker: ModelWorker, metrics: ServiceMetrics,
-                 max_image_pixels: int):
-        self.engine, self.store, self.worker = engine, store, worker
+    def __init__(self, engine, store: SessionStore, loop, metrics: ServiceMetrics, max_image_pixels: int,
+                 admission: Admission):
+        self.engine, self.store, self.loop = engine, store, loop  # loop: pixelprune.model.loop.EngineLoop
         self.metrics = metrics
         self.max_image_pixels = max_image_pixels
+        self.admission = admission  # the engine's waiting line is one of its budgets
 
     def validate(self, query: GroundQuery) -> None:
         """ValueError (-> INVALID_ARGUMENT) for a bad session id. The instruction was checked at the
@@ -129,7 +133,7 @@ class Grounder:
         """Answer one query. `deadline` is a time.monotonic() value; ValueError for bad input.
 
         A full model queue raises QueueFull at once, or, with `wait_while`, once it turns False."""
-        arrival = time.perf_counter()
+        arrival, arrival_clock = time.perf_counter(), time.monotonic()
         self.validate(query)
         settings, key = query.pruning, query.pruning.key
         src = source_digest(query.image)
@@ -156,21 +160,20 @@ class Grounder:
             raise DeadlineExpired("deadline expired before the model ran")
         request = GroundRequest(prepared=prepared, instruction=query.instruction,
                                 cache_key=frame_key(query.tenant, content, key, prepared.resized_size))
-        self.engine.check(request)  # too large for the batch limits: INVALID_ARGUMENT before queueing
-        output, job = self._model_step(request, deadline, is_active, wait_while)
+        seq = self.engine.sequence(request, deadline, is_active)  # never fitting: INVALID_ARGUMENT, not queued
+        output, queue_s = self._model_step(seq, is_active, wait_while)
         rows, cols, keep_bits = pack_keep(prepared.keep)
         answer = CachedAnswer(raw_text=output.raw_text, point=output.point, point_normalized=output.point_normalized,
                               kept_blocks=output.kept_blocks, total_blocks=output.total_blocks,
-                              keep_shape=(rows, cols), keep_bits=keep_bits)
+                              keep_shape=(rows, cols), keep_bits=keep_bits, answer_logprob=output.answer_logprob)
         if query.session_id:
             self.metrics.record_frame_cache(hit=False)
             self.store.put(query.session_key, SessionState(
                 original_size=prepared.original_size, resized_size=prepared.resized_size,
                 block_hashes=hashes.astype("<u8", copy=False).tobytes(), source_digest=src, content_key=content,
                 instruction=query.instruction, settings=key, answer=answer))
-        prep_s = prepared.prepare_s  # spent on this thread before queueing (a lazy patchify runs on the worker)
-        ttft_s = (job.started - arrival) + output.timings["ttft"] - prep_s
-        timings = {**output.timings, "decode": decode_s, "queue": job.queue_wait_s, "ttft": ttft_s}
+        ttft_s = seq.first_token_at - arrival_clock
+        timings = {**output.timings, "decode": decode_s, "queue": queue_s, "ttft": ttft_s}
         self.metrics.record_stages({k: v for k, v in timings.items() if k != "vit" or not output.vision_reused})
         self.metrics.record_model_run(output.kept_blocks, output.total_blocks, output.kv_cache_bytes, ttft_s)
         self.metrics.record_decode(output.timings["decode_tokens"], output.generated_tokens)
@@ -181,15 +184,40 @@ class Grounder:
                             timings=timings, arrival=arrival, prefix_hit=output.prefix_reused,
                             kv_bytes=output.kv_cache_bytes)
 
-    def _model_step(self, request: GroundRequest, deadline, is_active, wait_while):
-        """The engine's part, batched on the model worker: (GroundingOutput, JobResult). The vision and
-        prefix caches are read there, not here, so that of several requests queued on one new frame
-        only the first runs the ViT and prefills the image."""
+    def _model_step(self, seq, is_active: Callable[[], bool], wait_while: Callable[[], bool] | None):
+        """The engine's part: a place in its waiting line (streams wait while wanted, unary calls a bounded
+        time), then the loop, batched with everyone else. Returns (GroundingOutput, seconds from asking for
+        the place to the engine admitting it). The vision and prefix caches are read in the engine, not
+        here, so that of several requests queued on one new frame only the first runs the ViT."""
+        asked = time.monotonic()
+        kind = UNARY if wait_while is None else STREAM
+        ticket = self.admission.queue_place(kind, wait_while or is_active)
         try:
-            job = self.worker.run_request(request, deadline=deadline, is_active=is_active, wait_while=wait_while)
-        except ValueError as exc:  # the input was validated before: this is a bug, not bad input
-            raise RuntimeError(f"the engine failed on a validated request: {exc}") from exc
-        return job.value, job
+            future = self.loop.submit(seq, on_start=self._started(ticket, asked))
+            self.metrics.record_queue_depth(self.loop.waiting)
+            seq = future.result()
+        finally:
+            ticket.release()
+        return self._outcome(seq), (seq.admitted_at or time.monotonic()) - asked
+
+    def _started(self, ticket, asked: float) -> Callable:
+        def started(waited: float | None) -> None:
+            ticket.release()  # admitted (or ended before): the place goes to the next in line
+            if waited is not None:
+                self.metrics.record_queue_wait(time.monotonic() - asked)
+        return started
+
+    def _outcome(self, seq):
+        """The output of an ended sequence, or the exception its end means for the caller."""
+        if seq.status is Status.FINISHED:
+            return self.engine.output(seq)
+        if seq.status is Status.EXPIRED:
+            raise DeadlineExpired("deadline expired before the answer was ready")
+        if seq.status is Status.CANCELLED:
+            raise Cancelled("request cancelled before its answer was ready")
+        if isinstance(seq.error, ValueError):  # the input was validated before: this is a bug, not bad input
+            raise RuntimeError(f"the engine failed on a validated request: {seq.error}") from seq.error
+        raise seq.error
 
     @staticmethod
     def _same_request(previous: SessionState | None, instruction: str, key: tuple) -> bool:
@@ -213,7 +241,8 @@ class Grounder:
                 arrival: float, prefix_hit: bool = False, kv_bytes: int = 0) -> GroundAnswer:
         """The answer to `query` from a model run's or a session's CachedAnswer (keep mask included);
         `timings` in seconds by stage, `arrival` a time.perf_counter() value."""
-        stages = ("decode", "resize", "select", "patchify", "vit", "prefill", "ttft", "decode_tokens", "queue")
+        stages = ("decode", "upload", "resize", "select", "patchify", "vit", "prefill", "ttft", "decode_tokens",
+                  "queue")
         timings_ms = {name: 1000.0 * timings.get(name, 0.0) for name in stages}
         timings_ms["total"] = 1000.0 * (time.perf_counter() - arrival)
         return GroundAnswer(
@@ -222,4 +251,4 @@ class Grounder:
             changed_fraction=changed, cache_hit=cache_hit, vision_cache_hit=vision_hit,
             session_id=query.session_id, timings_ms=timings_ms, image_size=tuple(image_size),
             model_size=tuple(model_size), random_weights=bool(self.engine.is_random_weights), keep=answer.keep(),
-            prefix_cache_hit=prefix_hit, kv_cache_bytes=int(kv_bytes))
+            prefix_cache_hit=prefix_hit, kv_cache_bytes=int(kv_bytes), answer_logprob=answer.answer_logprob)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from service.health import STALL_REASONS
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
                                start_http_server)
 
@@ -79,6 +80,21 @@ class ServiceMetrics:
         self.prefix_cache_hits = Counter(
             "pixelprune_prefix_cache_hits_total", "Model runs that started from a cached prompt prefix.", registry=r)
         self._add_hardening_metrics(r)
+        self._add_engine_metrics(r)
+
+    def _add_engine_metrics(self, r: CollectorRegistry) -> None:
+        """The KV pool, the decode step's CUDA graphs, and the watchdog's stalls."""
+        self.kv_cache_capacity = Gauge("pixelprune_kv_cache_capacity_tokens",
+                                       "Positions of the engine's KV pool (rows x slot length at most).", registry=r)
+        self.decode_eager_steps = Counter(
+            "pixelprune_decode_eager_steps_total",
+            "Decode steps run eagerly although CUDA graphs are on (capture failed or too many shapes).", registry=r)
+        self.cuda_graphs = Gauge("pixelprune_cuda_graphs", "CUDA graphs of the decode step held.", registry=r)
+        self.stalled = Gauge("pixelprune_stalled",
+                             "1 while the service cannot make progress for this reason (health NOT_SERVING).",
+                             ["reason"], registry=r)
+        for reason in STALL_REASONS:
+            self.stalled.labels(reason=reason)
 
     def _add_hardening_metrics(self, r: CollectorRegistry) -> None:
         """Streams per frame, admission, and every rpc x code series from the start (issue 11)."""
@@ -146,10 +162,24 @@ class ServiceMetrics:
         self.kv_cache_bytes.observe(kv_cache_bytes)
         self.ttft.observe(ttft_s)
 
-    def record_step(self, batch_size: int, kv_in_use_bytes: int) -> None:
-        """One decode step of the batch: its size, and the KV bytes its sequences hold after it."""
-        self.batch_size.observe(batch_size)
-        self.kv_cache_in_use.set(kv_in_use_bytes)
+    def record_step(self, step, waiting: int) -> None:
+        """One engine step (pixelprune.model.engine.StepStats): the decode batch's size, the KV bytes the
+        running sequences hold after it, eager decode steps, CUDA graphs held; and the waiting line."""
+        if step.batch_size:
+            self.batch_size.observe(step.batch_size)
+        self.kv_cache_in_use.set(step.kv_bytes)
+        if step.eager_steps:
+            self.decode_eager_steps.inc(step.eager_steps)
+        self.cuda_graphs.set(step.graphs)
+        self.queue_depth.set(waiting)
+
+    def record_kv_capacity(self, tokens: int) -> None:
+        self.kv_cache_capacity.set(tokens)
+
+    def record_stalls(self, flags: Mapping[str, bool]) -> None:
+        """Stall reason -> whether it holds now (service/health.py)."""
+        for reason, on in flags.items():
+            self.stalled.labels(reason=reason).set(1 if on else 0)
 
     def record_decode(self, decode_seconds: float, generated_tokens: int) -> None:
         """Time per output token of one request (vLLM's TPOT): decode time over the tokens after the first."""

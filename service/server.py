@@ -1,8 +1,9 @@
 """Build and run the gRPC server: `create_server(config)` for tests and embedding, `serve(config)` for the CLI.
 
 Health (grpc.health.v1) says NOT_SERVING until the model has run its warm-up
-request, SERVING after, and NOT_SERVING again as soon as draining starts, so
-Kubernetes stops routing before the process goes away. Health is served on the
+request, SERVING after, NOT_SERVING while the service cannot make progress (a
+watchdog, service/health.py), and NOT_SERVING again as soon as draining starts,
+so Kubernetes stops routing before the process goes away. Health is served on the
 main port and on its own plaintext port (`--health-port`) by a second gRPC server
 with its own threads, so probes are answered even when `--max-concurrent-rpcs`
 calls hold every thread of the main one. Server reflection (v1 and v1alpha) is on.
@@ -25,23 +26,23 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from pixelprune.geometry import BLOCK_SIZE
 from pixelprune_api.grounding.v1 import grounding_pb2 as pb
 from pixelprune_api.grounding.v1 import grounding_pb2_grpc as pb_grpc
 from pixelprune.hashing import block_hashes
-from service.admission import Admission, InstructionLimits, PixelBudget
+from service.admission import Admission, InstructionLimits, PixelBudget, QueueBudget
 from service.auth import BearerAuthInterceptor
 from service.config import ServiceConfig
 from service.errors import DecodeGuard
 from service.grounding import Grounder
+from service.health import HealthState, Watchdog
 from service.metrics import MetricsServer, ServiceMetrics, start_metrics_server
 from service.reflection import enable_reflection
 from service.servicer import GroundingServicer
 from service.sessions import InProcessSessionStore, RedisSessionStore, redis_client
-from service.worker import ModelWorker
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Grounding"].full_name
@@ -56,28 +57,31 @@ class ServerHandle:
     server: grpc.Server  # the running gRPC server
     port: int  # the bound gRPC port
     metrics_port: int | None  # the bound /metrics port (None = off)
-    grounder: Grounder  # the domain object (engine, store, cache, worker)
+    grounder: Grounder  # the domain object (engine, loop, session store)
     metrics: ServiceMetrics  # this server's metrics
     health: health.HealthServicer  # the grpc.health.v1 servicer
-    worker: ModelWorker  # the model worker
+    loop: object  # the engine loop (pixelprune.model.loop.EngineLoop)
     _metrics_server: MetricsServer | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
     health_port: int | None = None  # the bound port of the health-only server (None = off)
     _health_server: grpc.Server | None = None
-    admission: Admission | None = None  # instruction limits, header checks and pixel budget of the servicer
+    admission: Admission | None = None  # instruction limits, header checks, pixel and queue budgets
+    state: HealthState | None = None  # what health says (warm, draining, stalled)
+    watchdog: Watchdog | None = None  # turns health NOT_SERVING while the service cannot make progress
 
     def warmup(self) -> None:
-        """Run the engine's warm-up request on the model worker (and compile the block hash
-        the session path uses), then report SERVING."""
+        """Run the engine's warm-up request on the engine loop (and compile the block hash the session
+        path uses), then report SERVING."""
         block_hashes(np.zeros((BLOCK_SIZE, BLOCK_SIZE, 3), dtype=np.uint8))
-        self.worker.run(self.grounder.engine.warmup)
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("model warm: health SERVING")
+        engine = self.grounder.engine
+        self.loop.call(engine.warmup).result()
+        self.metrics.record_kv_capacity(engine.kv_capacity_tokens)
+        self.state.set_warm()
+        log.info("model warm: KV pool of %d positions; health SERVING", engine.kv_capacity_tokens)
 
     def drain(self) -> None:
         """Report NOT_SERVING (and keep it), so load balancers and probes stop sending traffic."""
-        self.health.enter_graceful_shutdown()
+        self.state.drain()
 
     def stop(self, grace: float | None = None) -> None:
         """Drain, let in-flight RPCs finish within `grace` seconds, then stop worker, /metrics and health."""
@@ -85,7 +89,9 @@ class ServerHandle:
             return
         self.drain()
         self.server.stop(grace).wait()
-        self.worker.stop(timeout=5)
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        self.loop.stop(timeout=5)
         if self._metrics_server is not None:
             self._metrics_server.stop()
         if self._health_server is not None:
@@ -116,6 +122,8 @@ def batch_settings(config: ServiceConfig):
     from pixelprune.model.request import BatchSettings
 
     return BatchSettings(max_batch_size=config.max_batch_size, max_batch_tokens=config.max_batch_tokens,
+                         kv_cache_memory_fraction=config.kv_cache_memory_fraction,
+                         max_prefill_tokens=config.max_prefill_tokens,
                          cuda_graphs=not config.no_cuda_graphs, stop_after_point=config.stop_after_point,
                          prefix_cache_bytes=config.prefix_cache_bytes, vision_cache_size=config.vision_cache_size)
 
@@ -160,12 +168,24 @@ def _bind(server: grpc.Server, config: ServiceConfig) -> int:
 
 
 def _admission(config: ServiceConfig, engine, metrics: ServiceMetrics) -> Admission:
-    """Instruction limits (with the engine's tokenizer) and the pixel budget of one server."""
+    """Instruction limits (with the engine's tokenizer), the pixel budget and the queue of one server."""
     metrics.record_pixel_budget(config.max_inflight_pixels)
     return Admission(InstructionLimits(engine.processor.tokenizer, config.max_instruction_chars,
                                        config.max_instruction_tokens),
                      PixelBudget(config.max_inflight_pixels, on_change=metrics.record_inflight_pixels),
-                     config.max_image_pixels)
+                     config.max_image_pixels, queue=QueueBudget(config.queue_size),
+                     max_wait_s=config.admission_wait_s)
+
+
+def _watchdog(config: ServiceConfig, state: HealthState, loop, admission: Admission,
+              metrics: ServiceMetrics) -> Watchdog:
+    """Health NOT_SERVING while the engine or an admission budget makes no progress (service/health.py)."""
+    bound = config.stall_timeout_s
+    probes = {"engine_loop_dead": lambda: loop.stalled(bound) == "engine_loop_dead",
+              "engine_no_progress": lambda: loop.stalled(bound) == "engine_no_progress",
+              "pixel_budget_no_progress": lambda: admission.budget.stalled(bound),
+              "queue_no_progress": lambda: admission.queue.stalled(bound)}
+    return Watchdog(state, probes, interval_s=min(1.0, bound / 4), on_change=metrics.record_stalls)
 
 
 def _grpc_server(config: ServiceConfig, metrics: ServiceMetrics, tenants: dict[str, str] | None) -> grpc.Server:
@@ -210,17 +230,18 @@ def create_server(config: ServiceConfig, engine=None, registry: CollectorRegistr
     tenants = config.auth_tenants()
     return_large_buffers_to_the_os()
     engine = engine if engine is not None else load_engine(config)
+    from pixelprune.model.loop import EngineLoop
+
     metrics = ServiceMetrics(registry)
-    worker = ModelWorker(config.queue_size, on_depth=metrics.record_queue_depth, on_wait=metrics.record_queue_wait,
-                         engine=engine, on_step=lambda step: metrics.record_step(step.batch_size, step.kv_bytes))
-    grounder = Grounder(engine, _session_store(config, metrics), worker, metrics, config.max_image_pixels)
+    metrics.record_kv_capacity(engine.kv_capacity_tokens)  # again after the warm-up, which sizes it on CUDA
+    loop = EngineLoop(engine, on_step=lambda step: metrics.record_step(step, loop.waiting))
     server = _grpc_server(config, metrics, tenants)
     admission = _admission(config, engine, metrics)
+    grounder = Grounder(engine, _session_store(config, metrics), loop, metrics, config.max_image_pixels, admission)
     pb_grpc.add_GroundingServicer_to_server(
         GroundingServicer(grounder, metrics, config.prune, admission, config.stream_idle_timeout_s), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    state = HealthState(health_servicer, ("", SERVICE_NAME))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
     metrics_server = health_server = None
@@ -233,15 +254,16 @@ def create_server(config: ServiceConfig, engine=None, registry: CollectorRegistr
             except OSError as exc:
                 raise ValueError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}") from None
     except ValueError:
-        worker.stop(timeout=1)
+        loop.stop(timeout=1)
         if health_server is not None:
             health_server.stop(0)
         raise
     server.start()
     handle = ServerHandle(server=server, port=port, metrics_port=metrics_server.port if metrics_server else None,
-                          grounder=grounder, metrics=metrics, health=health_servicer, worker=worker,
+                          grounder=grounder, metrics=metrics, health=health_servicer, loop=loop,
                           _metrics_server=metrics_server, health_port=health_port, _health_server=health_server,
-                          admission=admission)
+                          admission=admission, state=state,
+                          watchdog=_watchdog(config, state, loop, admission, metrics).start())
     if warmup:
         handle.warmup()
     return handle

@@ -2,18 +2,18 @@
 
 Before the domain function runs, a request passes admission (service/admission.py):
 its instruction's limits, its image header's checks, and a reservation of its
-decoded pixels in the server's budget; unary calls that do not fit are refused
-at once (RESOURCE_EXHAUSTED), stream frames wait for room.
+decoded pixels in the server's budget; unary calls and stream frames wait in lines
+of their own, served in turn (a unary call at most --admission-wait-s, then
+RESOURCE_EXHAUSTED; a stream frame while its stream is wanted).
 
 GroundStream runs two threads per stream: a reader that consumes frames as
 fast as the client sends them and keeps only the newest pending one (the
 instruction and pruning settings of every frame still apply in order), and the
 RPC's own thread, which answers the newest frame, then the next newest, and
 reports how many frames were skipped in between (service/streams.py). A stream
-holds at most one request in the model queue; when the queue is full, the
-stream's frame waits for room instead of failing the stream: overload shows as
-latency and skipped frames (unary Ground calls still get RESOURCE_EXHAUSTED at
-once). Frames left unanswered when a stream ends are counted in the trailing
+holds at most one request in the engine's waiting line; when the line is full,
+the stream's frame waits for room instead of failing the stream: overload shows
+as latency and skipped frames. Frames left unanswered when a stream ends are counted in the trailing
 metadata `pixelprune-skipped-frames`. Each caller's tenant (service/auth.py)
 goes into its queries, so sessions and caches are per tenant.
 """
@@ -28,7 +28,7 @@ from typing import Callable
 from pixelprune.keepmask import pack_keep
 from pixelprune_api.grounding.v1 import grounding_pb2 as pb
 from pixelprune_api.grounding.v1 import grounding_pb2_grpc as pb_grpc
-from service.admission import Admission
+from service.admission import STREAM, UNARY, Admission
 from service.auth import current_tenant
 from service.errors import outcome, status_of, stream_errors, unary_errors
 from pixelprune.settings import PruneSettings
@@ -84,11 +84,11 @@ def to_pb(answer: GroundAnswer, skipped_frames: int = 0, sequence: int = 0) -> p
         timings=pb.Timings(decode_ms=t["decode"], resize_ms=t["resize"], select_ms=t["select"],
                            patchify_ms=t["patchify"], vit_ms=t["vit"], prefill_ms=t["prefill"],
                            ttft_ms=t["ttft"], decode_tokens_ms=t["decode_tokens"], queue_ms=t["queue"],
-                           total_ms=t["total"]),
+                           total_ms=t["total"], upload_ms=t["upload"]),
         image_width=answer.image_size[0], image_height=answer.image_size[1],
         model_width=answer.model_size[0], model_height=answer.model_size[1],
         random_weights=answer.random_weights, prefix_cache_hit=answer.prefix_cache_hit,
-        kv_cache_bytes=answer.kv_cache_bytes)
+        kv_cache_bytes=answer.kv_cache_bytes, answer_logprob=answer.answer_logprob)
     if answer.point is not None:
         response.point.x, response.point.y = answer.point
     if answer.point_normalized is not None:
@@ -152,7 +152,7 @@ class GroundingServicer(pb_grpc.GroundingServicer):
     def Ground(self, request, context):
         self.admission.instructions.check(request.instruction)
         query = query_from_pb(request, self.defaults, current_tenant())
-        with self.admission.admit(query.image):
+        with self.admission.admit(query.image, UNARY, context.is_active):
             answer = self.grounder.ground(query, deadline=deadline_of(context), is_active=context.is_active)
         return to_pb(answer)
 
@@ -182,7 +182,7 @@ class GroundingServicer(pb_grpc.GroundingServicer):
         """One stream frame: waits for room in the pixel budget and the model queue (newer frames
         meanwhile replace each other in the slot, so no CPU goes into frames never answered)."""
         try:
-            with self.admission.admit(pending.query.image, wait_while=context.is_active):
+            with self.admission.admit(pending.query.image, STREAM, context.is_active):
                 answer = self.grounder.ground(pending.query, deadline=deadline_of(context),
                                               is_active=context.is_active, wait_while=context.is_active)
         except Exception as exc:

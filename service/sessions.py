@@ -42,6 +42,7 @@ class CachedAnswer:
     total_blocks: int  # visual tokens of the full image
     keep_shape: tuple[int, int] | None = None  # (rows, cols) of 32x32 blocks of keep_bits; None = not stored
     keep_bits: bytes | None = None  # the blocks the model saw, pixelprune.keepmask.pack_keep's bits
+    answer_logprob: float = 0.0  # sum of the answer tokens' log-probabilities (0 in sessions stored before it)
 
     def keep(self) -> np.ndarray | None:
         """The keep mask as bool (rows, cols), or None for an answer stored without one."""
@@ -114,7 +115,8 @@ def unpack_state(blob: bytes) -> SessionState | None:
                               point=tuple(ans["point"]) if ans["point"] is not None else None,
                               point_normalized=tuple(ans["point_normalized"]) if ans["point_normalized"] else None,
                               kept_blocks=int(ans["kept_blocks"]), total_blocks=int(ans["total_blocks"]),
-                              keep_shape=None if keep_bits is None else grid, keep_bits=keep_bits)
+                              keep_shape=None if keep_bits is None else grid, keep_bits=keep_bits,
+                              answer_logprob=float(ans.get("answer_logprob", 0.0)))
         return SessionState(original_size=tuple(meta["original_size"]), resized_size=tuple(meta["resized_size"]),
                             instruction=meta["instruction"], settings=tuple(meta["settings"]), answer=answer,
                             **parts)

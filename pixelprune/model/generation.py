@@ -131,9 +131,18 @@ def extend(model, cache: SlotKVCache, first_row: int, chunks: list[Chunk]) -> to
     return model.lm_head(hidden[torch.arange(len(chunks), device=device), ends]).float()
 
 
-def decode_step(model, cache: SlotKVCache, inputs: torch.Tensor) -> torch.Tensor:
+def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids, their natural-log probabilities in float32) of the rows' argmax."""
+    logits = logits.float()
+    tokens = logits.argmax(-1)
+    logprobs = logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    return tokens, logprobs
+
+
+def decode_step(model, cache: SlotKVCache, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One greedy token for rows 0..n-1: inputs (3, n) int64 = [token fed; its slot position; its MRoPE
-    position] (text row = slot position). Returns the next token ids (n,). Graph-capturable: no host sync."""
+    position] (text row = slot position). Returns the next token ids (n,) and their log-probabilities (n,)
+    float32. Graph-capturable: no host sync."""
     tokens, write, mrope = inputs[0], inputs[1], inputs[2]
     slot_len = cache.slot_len
     text = model.model.language_model
@@ -143,7 +152,7 @@ def decode_step(model, cache: SlotKVCache, inputs: torch.Tensor) -> torch.Tensor
     cache.begin(slice(0, inputs.shape[1]), write[:, None], slot_len)
     hidden = text(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
                   use_cache=True).last_hidden_state
-    return model.lm_head(hidden[:, -1]).argmax(-1)
+    return greedy(model.lm_head(hidden[:, -1]))
 
 
 class DecodeGraphs:
@@ -152,30 +161,38 @@ class DecodeGraphs:
     Capture follows torch's recipe (warm-up on a side stream, `torch.cuda.graph` into one shared
     memory pool, replay after copying into the static input). During warm-up and capture the
     static input writes at the slot's last position, which no sequence uses, so the running
-    sequences' caches are untouched. A capture that fails is logged once and that shape runs
-    eagerly from then on."""
+    sequences' caches are untouched. A capture that fails is logged (one warning line) and that shape
+    runs eagerly from then on, as do shapes beyond MAX_GRAPHS (one warning line the first time);
+    `eager_steps` counts the steps that ran eagerly."""
 
-    def __init__(self, step: Callable[[torch.Tensor], torch.Tensor], slot_len: Callable[[], int]):
+    def __init__(self, step: Callable[[torch.Tensor], tuple], slot_len: Callable[[], int]):
         self.step = step
         self._slot_len = slot_len
-        self._graphs: dict[tuple[int, int], tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int], tuple[torch.Tensor, torch.cuda.CUDAGraph, tuple]] = {}
         self._failed: set[tuple[int, int]] = set()
         self._pool = None
+        self.eager_steps = 0  # steps run eagerly: capture failed, or more shapes than MAX_GRAPHS
+        self._warned_full = False
 
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, inputs: torch.Tensor) -> tuple:
         key = (int(inputs.shape[1]), self._slot_len())
         entry = self._graphs.get(key)
-        if entry is None and key not in self._failed and len(self._graphs) < MAX_GRAPHS:
-            entry = self._capture(key, inputs)
+        if entry is None and key not in self._failed:
+            if len(self._graphs) < MAX_GRAPHS:
+                entry = self._capture(key, inputs)
+            elif not self._warned_full:
+                self._warned_full = True
+                log.warning("%d CUDA graphs held (MAX_GRAPHS): decode steps of new shapes run eagerly", MAX_GRAPHS)
         if entry is None:
+            self.eager_steps += 1
             return self.step(inputs)
         static_in, graph, static_out = entry
         static_in.copy_(inputs)
         graph.replay()
-        return static_out.clone()
+        return tuple(out.clone() for out in static_out)
 
     def _capture(self, key: tuple[int, int], inputs: torch.Tensor):
         static_in = torch.zeros_like(inputs)

@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-# Slot lengths (tokens): 256, 384, 512, 768, ... (x2 and x1.5 steps) up to 64K; one CUDA graph each.
-LENGTH_BUCKETS = tuple(sorted({base * 2 ** k for base in (256, 384) for k in range(9)} - {384 * 2 ** 8}))
+from pixelprune.model.scheduler import LENGTH_BUCKETS
 
 
 def length_bucket(tokens: int) -> int:

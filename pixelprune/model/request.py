@@ -11,13 +11,18 @@ if TYPE_CHECKING:  # annotations only: this module loads without torch (the serv
     from pixelprune.model.pipeline import PreparedImage
 
 GIB = 1024 ** 3
+CPU_KV_TOKENS = 32768  # KV pool positions on a CPU device when max_batch_tokens is not given
 
 
 @dataclass(frozen=True)
 class BatchSettings:
     max_batch_size: int = 32  # sequences decoded together (rows of the batch)
-    max_batch_tokens: int = 32768  # KV-cache positions the batch may hold: rows x slot length (the longest
-    #                                 running prompt + its new tokens, rounded up to a length bucket)
+    max_batch_tokens: int | None = None  # KV pool positions (rows x slot length, the slot being the longest
+    #                                      running prompt + its new tokens rounded up to a length bucket);
+    #                                      None: on CUDA sized from free memory, CPU_KV_TOKENS on a CPU
+    kv_cache_memory_fraction: float = 0.5  # on CUDA without max_batch_tokens: share of the free device memory
+    #                                        (after the model, a warm-up and the prefix cache) the pool takes
+    max_prefill_tokens: int = 8192  # prompt tokens prefilled in one step (a step's first prompt may exceed it)
     cuda_graphs: bool = True  # on CUDA, replay the decode step from CUDA graphs (ignored on CPU)
     stop_after_point: bool = False  # finish an answer as soon as its text holds a closed point
     prefix_cache_bytes: int = GIB  # device bytes of cached prompt prefixes (keys/values), LRU; 0 = off
@@ -26,8 +31,12 @@ class BatchSettings:
     def __post_init__(self):
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.max_batch_tokens < 256:
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 256:
             raise ValueError(f"max_batch_tokens must be >= 256, got {self.max_batch_tokens}")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
         if self.prefix_cache_bytes < 0 or self.vision_cache_size < 0:
             raise ValueError("prefix_cache_bytes and vision_cache_size must be >= 0")
 
@@ -58,3 +67,4 @@ class GroundingOutput:
     vision_reused: bool  # the ViT did not run (features given or cached, or a cached prefix)
     generated_tokens: int  # tokens generated, including the first (and an end-of-turn token)
     prefix_reused: bool = False  # the prompt prefix's keys/values came from the prefix cache
+    answer_logprob: float = 0.0  # sum of the natural-log probabilities of the generated tokens (a confidence)

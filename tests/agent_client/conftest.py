@@ -122,9 +122,14 @@ def pointing_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_checkpoint):
-    from service.server import load_engine
+    """A factory of engines on one loaded tiny model: each server gets its own (one engine, one loop)."""
+    from pixelprune.model.engine import GroundingEngine
+    from service.server import batch_settings, load_engine
 
-    return load_engine(server_config(tiny_checkpoint, None))
+    config = server_config(tiny_checkpoint, None)
+    loaded = load_engine(config)
+    return lambda: GroundingEngine(loaded.model, loaded.processor, max_new_tokens=loaded.max_new_tokens,
+                                   is_random_weights=loaded.is_random_weights, batch=batch_settings(config))
 
 
 @pytest.fixture(scope="session")
@@ -132,7 +137,7 @@ def grounding_server(tiny_checkpoint, tiny_engine, token_file):
     """A real server with the tiny checkpoint, requiring TOKEN. Yields the handle."""
     from service.server import create_server
 
-    handle = create_server(server_config(tiny_checkpoint, token_file), engine=tiny_engine)
+    handle = create_server(server_config(tiny_checkpoint, token_file), engine=tiny_engine())
     yield handle
     handle.stop(0)
 
@@ -158,7 +163,7 @@ def tls_server(tiny_checkpoint, tiny_engine, tmp_path_factory):
                     "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True, timeout=60)
     config = server_config(tiny_checkpoint, None, extra=("--tls-cert", str(cert), "--tls-key", str(key)))
-    handle = create_server(config, engine=tiny_engine)
+    handle = create_server(config, engine=tiny_engine())
     yield handle, cert
     handle.stop(0)
 

@@ -109,7 +109,7 @@ def test_retries_unavailable_until_the_server_is_up(tiny_checkpoint, tiny_engine
 
     def start_later():
         time.sleep(1.5)
-        started.append(create_server(server_config(tiny_checkpoint, token_file, port=port), engine=tiny_engine))
+        started.append(create_server(server_config(tiny_checkpoint, token_file, port=port), engine=tiny_engine()))
 
     thread = threading.Thread(target=start_later)
     thread.start()

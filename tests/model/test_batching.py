@@ -1,5 +1,6 @@
-"""Continuous batching on the tiny checkpoint (fp32, CPU): batched answers equal single answers
-token for token; joins, early leavers, cancellation, faults and limits."""
+"""Continuous batching on the tiny checkpoint (fp32, CPU), through the engine's step: batched answers equal
+single answers token for token; joins, early leavers, cancellation, faults and limits. (Caches and
+log-probabilities at every step: test_runner.py.)"""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixelprune.model.batching import BatchScheduler
 from pixelprune.model.engine import BatchSettings, GroundingEngine, GroundRequest, ModelSpec, PruneSettings
 from pixelprune.model.generation import DecodeGraphs
+from pixelprune.model.scheduler import Status
 
 FULL = PruneSettings(enabled=False)
 
@@ -34,27 +35,30 @@ def frames(corpus_dir) -> list[np.ndarray]:
 
 
 def alone(engine, request) -> list[int]:
-    """The tokens of one request run with nothing else in the batch."""
+    """The tokens of one request run with nothing else in the engine."""
     assert engine.idle
-    (seq,) = engine.admit([request])
-    while seq not in engine.step().finished:
-        pass
-    assert seq.error is None
+    seq = engine.sequence(request)
+    engine.add(seq)
+    while not engine.idle:
+        engine.step()
+    assert seq.status is Status.FINISHED
     return seq.tokens
 
 
-def run(engine, batches: list[list[GroundRequest]], steps_between: int = 2) -> list:
-    """Admit each list of requests `steps_between` steps after the previous one; step until all ended.
-    Returns the Sequences in request order."""
+def run(engine, batches: list[list], steps_between: int = 2) -> list:
+    """Add each list of requests (or ready Sequences) `steps_between` steps after the previous one; step
+    until all ended. Returns the Sequences in request order."""
     seqs, finished = [], []
     for i, batch in enumerate(batches):
-        taken = engine.admit(batch)
-        assert len(taken) == len(batch)
+        taken = [r if not isinstance(r, GroundRequest) else engine.sequence(r) for r in batch]
+        for seq in taken:
+            engine.add(seq)
         seqs += taken
         for _ in range(steps_between if i < len(batches) - 1 else 0):
-            finished += engine.step().finished
+            finished += engine.step()
     while not engine.idle:
-        finished += engine.step().finished
+        finished += engine.step()
+    finished += engine.step()  # the last rows leave
     assert sorted(map(id, finished)) == sorted(map(id, seqs))  # each reported exactly once
     return seqs
 
@@ -77,7 +81,7 @@ def test_batched_answers_equal_single_answers(engine, frames):
     assert [s.tokens for s in seqs] == expected
     assert [len(t) for t in expected] == [6, 2, 6, 4, 6, 3] or any(t[-1] in engine.eos_token_ids for t in expected)
     for seq, request in zip(seqs, reqs):
-        out = seq.output
+        out = engine.output(seq)
         assert out.raw_text == engine.processor.tokenizer.decode(seq.tokens, skip_special_tokens=True)
         assert out.generated_tokens == len(seq.tokens) and out.prefix_reused is False
         assert out.kv_cache_bytes == seq.prompt_tokens * 4 * 2 * 2 * 32 * 4
@@ -103,51 +107,54 @@ def test_vit_runs_once_for_requests_on_one_new_frame(engine, frames, monkeypatch
     prepared = engine.prepare(frames[0], PruneSettings())
     texts = ["Open the menu", "Click the Classes heading", "Where is the search box?"]
     expected = [alone(engine, GroundRequest(prepared, t)) for t in texts]
-    calls, real = [], engine.encode_many
-    monkeypatch.setattr(engine, "encode_many", lambda prepared: calls.append(len(prepared)) or real(prepared))
+    calls, real = [], engine.runner.encode_many
+    monkeypatch.setattr(engine.runner, "encode_many", lambda prepared: calls.append(len(prepared)) or real(prepared))
     seqs = run(engine, [[GroundRequest(prepared, t, cache_key=("frame", 0)) for t in texts]])
     assert calls == [1]
     assert [s.tokens for s in seqs] == expected
-    assert [s.output.prefix_reused for s in seqs] == [False, True, True]
-    assert [s.output.vision_reused for s in seqs] == [False, True, True]
+    assert [engine.output(s).prefix_reused for s in seqs] == [False, True, True]
+    assert [engine.output(s).vision_reused for s in seqs] == [False, True, True]
 
 
 def test_failing_requests_fail_alone(engine, frames):
-    """Bad inputs inside a batch: vision features of another frame (refused before prefill), pixel rows cut
-    short (the joint ViT call fails, then only that image), corrupt feature rows (the batched prefill
-    fails, is split, only that row fails), a template without the placeholder."""
+    """Bad inputs: vision features of another frame and a template without the placeholder are refused
+    before they reach the batch; inside a batch, pixel rows cut short (the joint ViT call fails, then only
+    that image) and corrupt feature rows (the batched prefill fails, is split, only that row fails)."""
     reqs = requests(engine, frames)[:3]
     expected = [alone(engine, r) for r in reqs]
     good = reqs[0].prepared
     other_vision = engine.encode(reqs[1].prepared)
     vision = engine.encode(good)
     corrupt = dataclasses.replace(vision, embeds=(vision.embeds[0][:-1],))
-    bad = [GroundRequest(good, "x", vision=other_vision),
-           GroundRequest(dataclasses.replace(good, staged_rows=good.pixel_values[:-4]), "x"),
-           GroundRequest(good, "x", vision=corrupt),
-           GroundRequest(good, "x", prompt="no placeholder")]
-    mixed = [bad[0], reqs[0], bad[1], reqs[1], bad[2], reqs[2], bad[3]]
+    with pytest.raises(ValueError, match="other pixels"):
+        engine.sequence(GroundRequest(good, "x", vision=other_vision))
+    with pytest.raises(ValueError, match="placeholder"):
+        engine.sequence(GroundRequest(good, "x", prompt="no placeholder"))
+    bad = [GroundRequest(dataclasses.replace(good, staged_rows=good.pixel_values[:-4]), "x"),
+           GroundRequest(good, "x", vision=corrupt)]
+    mixed = [reqs[0], bad[0], reqs[1], bad[1], reqs[2]]
     seqs = run(engine, [mixed])
-    assert [s.tokens for s in seqs[1::2]] == expected and all(s.error is None for s in seqs[1::2])
-    errors = [s.error for s in seqs[0::2]]
-    assert all(s.output is None for s in seqs[0::2])
-    assert isinstance(errors[0], ValueError) and "other pixels" in str(errors[0])
-    assert isinstance(errors[1], ValueError) and "rows" in str(errors[1])
-    assert isinstance(errors[2], RuntimeError)  # the shape mismatch of the scattered features
-    assert isinstance(errors[3], ValueError) and "placeholder" in str(errors[3])
-    assert engine.idle and engine.scheduler.running == []
+    assert [s.tokens for s in seqs[0::2]] == expected and all(s.status is Status.FINISHED for s in seqs[0::2])
+    errors = [s.error for s in seqs[1::2]]
+    assert all(s.status is Status.FAILED and s.tokens == [] for s in seqs[1::2])
+    assert isinstance(errors[0], ValueError) and "rows" in str(errors[0])
+    assert isinstance(errors[1], RuntimeError)  # the shape mismatch of the scattered features
+    assert engine.idle and all(s.done for s in engine.scheduler.running)
 
 
 def test_cancel_removes_a_sequence(engine, frames):
     reqs = requests(engine, frames)[:3]
     expected = [alone(engine, r) for r in reqs]
-    seqs = engine.admit(reqs)
+    seqs = [engine.sequence(r) for r in reqs]
+    for seq in seqs:
+        engine.add(seq)
     engine.step()
     engine.cancel(seqs[1])
     finished = []
     while not engine.idle:
-        finished += engine.step().finished
-    assert seqs[1] not in finished and seqs[1].done and seqs[1].output is None and seqs[1].error is None
+        finished += engine.step()
+    finished += engine.step()
+    assert finished.count(seqs[1]) == 1 and seqs[1].status is Status.CANCELLED
     assert [seqs[0].tokens, seqs[2].tokens] == [expected[0], expected[2]]
 
 
@@ -156,19 +163,24 @@ def test_limits_defer_and_refuse(engine, frames):
     fit is refused with the flag's name."""
     reqs = requests(engine, frames)
     by_rows = GroundingEngine(engine.model, engine.processor, max_new_tokens=6, batch=BatchSettings(max_batch_size=2))
-    assert len(by_rows.admit(reqs[:3])) == 2
-    assert by_rows.step().batch_size == 2
+    for seq in (by_rows.sequence(r) for r in reqs[:3]):
+        by_rows.add(seq)
+    stats = []
+    by_rows.step(stats.append)
+    by_rows.step(stats.append)
+    assert [(s.prefilled, s.batch_size) for s in stats] == [(2, 0), (0, 2)]
     by_tokens = GroundingEngine(engine.model, engine.processor, max_new_tokens=6,
                                 batch=BatchSettings(max_batch_tokens=1024))
-    taken = by_tokens.admit(reqs[3:])  # unpruned prompts of ~300 tokens + 6: 384-position slots, 2 in 1024
-    assert 256 < max(s.need for s in taken) < 383 and by_tokens.scheduler.cache.slot_len == 384
-    assert len(taken) == 2 and by_tokens.step().batch_size == 2
+    seqs = [by_tokens.sequence(r) for r in reqs[3:]]  # unpruned prompts of ~300 tokens + 6: 384-position slots
+    for seq in seqs:
+        by_tokens.add(seq)
+    by_tokens.step()
+    assert 256 < max(s.need for s in seqs) < 383 and by_tokens.scheduler.slot_len == 384
+    assert [s.status for s in seqs] == [Status.RUNNING, Status.RUNNING, Status.WAITING]  # 2 slots of 384 in 1024
     small = GroundingEngine(engine.model, engine.processor, max_new_tokens=6, batch=BatchSettings(max_batch_tokens=384))
     big = dataclasses.replace(reqs[3], max_new_tokens=90)  # ~300 + 90 positions: a 512-position slot
     with pytest.raises(ValueError, match="--max-batch-tokens"):
         small.check(big)
-    (seq,) = small.admit([big])
-    assert small.step().finished == [seq] and isinstance(seq.error, ValueError)
     small.check(reqs[3])  # with its 6 new tokens it fits a 384-position slot
     assert small.ground(reqs[3].prepared, reqs[3].instruction).generated_tokens >= 1
 
@@ -188,14 +200,19 @@ def test_stop_after_point(tmp_path, frames):
 
 
 def test_decode_graphs_fall_back_to_eager_off_cuda(engine, frames, caplog):
-    """On a CPU the capture fails: the step runs eagerly (same tokens) after one logged warning."""
+    """On a CPU the capture fails: the step runs eagerly (same tokens) after one logged warning, and the
+    eager steps are counted."""
     request = requests(engine, frames)[0]
     expected = alone(engine, request)
-    scheduler = BatchScheduler(engine, engine.scheduler.settings)
-    scheduler.graphs = DecodeGraphs(scheduler._step_fn, lambda: scheduler.cache.slot_len)
+    fresh = GroundingEngine(engine.model, engine.processor, max_new_tokens=6, batch=BatchSettings(max_batch_tokens=4096))
+    runner = fresh.runner
+    runner.graphs = DecodeGraphs(runner._step_fn, lambda: runner.cache.slot_len)
+    stats = []
     with caplog.at_level(logging.WARNING, logger="pixelprune.model.generation"):
-        (seq,) = scheduler.admit([request])
-        while not scheduler.idle:
-            scheduler.step()
-    assert seq.tokens == expected and len(scheduler.graphs) == 0
+        seq = fresh.sequence(request)
+        fresh.add(seq)
+        while not fresh.idle:
+            fresh.step(stats.append)
+    assert seq.tokens == expected and len(runner.graphs) == 0
     assert sum("CUDA graph capture" in r.message for r in caplog.records) == 1
+    assert sum(s.eager_steps for s in stats) == len(expected) - 1 == sum(s.batch_size for s in stats)

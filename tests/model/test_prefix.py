@@ -13,8 +13,8 @@ from pixelprune.model.engine import BatchSettings, GroundingEngine, GroundReques
 from pixelprune.model.generation import Chunk, build_prompt, extend, prompt_chunk
 from pixelprune.model.kvcache import SlotKVCache
 from pixelprune.model.pipeline import build_inputs, user_message
-from pixelprune.model.prefix import BoundedLRU
-from pixelprune.model.sequence import Sequence, plan
+from pixelprune.model.runner import _Item
+from pixelprune.model.scheduler import Prefill
 from pixelprune.points import grounding_prompt
 
 ATOL = 2e-5  # fp32: the same sums in another order (the prefix's keys computed in a longer or shorter batch)
@@ -34,26 +34,25 @@ def frames(corpus_dir) -> list[np.ndarray]:
 
 
 def tokens(engine, request) -> tuple[list[int], bool]:
-    (seq,) = engine.admit([request])
-    while seq not in engine.step().finished:
-        pass
+    seq = engine.sequence(request)
+    engine.add(seq)
+    while not engine.idle:
+        engine.step()
     assert seq.error is None
-    return seq.tokens, seq.output.prefix_reused
+    return seq.tokens, engine.output(seq).prefix_reused
 
 
 def first_logits(engine, request, entry=None) -> torch.Tensor:
-    """The prefill's last-token logits of `request` through the scheduler's own planning and chunking,
-    on a fresh cache row: from scratch, or on top of a copy of `entry`."""
-    seq = Sequence(request, 0.0)
-    plan(engine, engine.scheduler, seq)
-    seq.entry = entry
-    if entry is None:
-        seq.vision = engine.encode(request.prepared)
+    """The prefill's last-token logits of `request` through the runner's own chunking, on a fresh cache
+    row: from scratch, or on top of a copy of `entry`."""
+    seq = engine.sequence(request)
+    item = _Item(plan=Prefill(seq, 0, None, None, None, None), work=seq.payload, entry=entry,
+                 vision=None if entry is not None else engine.encode(request.prepared))
     cache = _cache(engine)
     if entry is not None:
         cache.write(0, entry.kv)
     with torch.inference_mode():
-        return extend(engine.model, cache, 0, [seq.make_chunk(engine)])[0]
+        return extend(engine.model, cache, 0, [engine.runner._chunk(item)])[0]
 
 
 def _cache(engine) -> SlotKVCache:
@@ -70,7 +69,7 @@ def test_reused_prefix_answers_like_from_scratch(engine, frames, settings):
     cold_a, _ = tokens(engine, GroundRequest(prepared, "Open the menu"))
     cold_b, _ = tokens(engine, GroundRequest(prepared, "Where is the search box?"))
     assert tokens(engine, GroundRequest(prepared, "Open the menu", cache_key=key)) == (cold_a, False)
-    entry = engine.scheduler.prefixes.get(key)
+    entry = engine.runner.prefixes.get(key)
     assert entry is not None and entry.nbytes == entry.length * engine.kv_bytes_per_token
     hit = GroundRequest(prepared, "Where is the search box?", cache_key=key)
     assert tokens(engine, hit) == (cold_b, True)
@@ -121,7 +120,7 @@ def test_eviction_and_rebuild(tiny_checkpoint, engine, frames):
     assert "a" not in bounded.scheduler.prefixes and "b" in bounded.scheduler.prefixes  # evicted
     assert tokens(bounded, GroundRequest(one[0], "Open the menu", cache_key="a")) == (cold[0], False)  # rebuilt
     assert tokens(bounded, GroundRequest(one[0], "Open the menu", cache_key="a")) == (cold[0], True)
-    assert bounded.prefix_cache_bytes <= bounded.scheduler.settings.prefix_cache_bytes
+    assert bounded.prefix_cache_bytes <= bounded.batch_settings.prefix_cache_bytes
 
 
 def test_no_reuse_across_keys_or_images(engine, frames):
@@ -137,17 +136,3 @@ def test_no_reuse_across_keys_or_images(engine, frames):
     tokens(off, GroundRequest(first, "Open the menu", cache_key="k"))
     assert tokens(off, GroundRequest(first, "Open the menu", cache_key="k"))[1] is False
     assert len(off.scheduler.prefixes) == 0 and off.prefix_cache_bytes == 0
-
-
-def test_bounded_lru():
-    lru = BoundedLRU(10, size=len)
-    assert lru.put("a", "xxxx") and lru.put("b", "yyyy")
-    assert lru.get("a") == "xxxx"  # a is now the most recent
-    assert lru.put("c", "zzzz") and lru.used == 8 and "b" not in lru and "a" in lru
-    assert not lru.put("d", "w" * 11) and "d" not in lru  # larger than the whole store
-    assert lru.put("a", "x") and lru.used == 5
-    lru.discard("c")
-    assert (lru.used, len(lru), lru.hits, lru.queries) == (1, 1, 1, 1)
-    assert BoundedLRU(0).put("a", 1) is False
-    with pytest.raises(ValueError):
-        BoundedLRU(-1)

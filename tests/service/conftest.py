@@ -27,7 +27,8 @@ def make_server(engine):
 
     def make(warmup: bool = False, **overrides):
         base = dict(model="tiny", port=0, metrics_port=0, health_port=0, host="127.0.0.1",
-                    max_new_tokens=MAX_NEW_TOKENS, max_batch_tokens=8192)
+                    max_new_tokens=MAX_NEW_TOKENS, max_batch_tokens=8192,
+                    admission_wait_s=0.2)
         config = dataclasses.replace(ServiceConfig(), **{**base, **overrides})
         from pixelprune.model.engine import GroundingEngine
         from service.server import batch_settings, create_server

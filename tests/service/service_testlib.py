@@ -33,12 +33,13 @@ class CountingEngine:
             self.grounded.append(instruction)
         return self._engine.ground(prepared, instruction, vision=vision, **kwargs)
 
-    def admit(self, requests):
-        """The batch's entry (what the model worker calls): records the requests it took."""
-        taken = self._engine.admit(requests)
+    def step(self, on_step=None):
+        """One engine step (what the engine loop calls): records the requests it admitted."""
+        before = {id(s) for s in self._engine.scheduler.running}
+        ended = self._engine.step(on_step)
         with self.lock:
-            self.grounded.extend(r.instruction for r in requests[:len(taken)])
-        return taken
+            self.grounded.extend(s.payload.instruction for s in self._engine.scheduler.running if id(s) not in before)
+        return ended
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
@@ -117,10 +118,10 @@ def png_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-def hold_worker(handle):
-    """Occupy the model worker with a job that waits; returns the event that releases it."""
+def hold_engine(handle):
+    """Occupy the engine loop with a call that waits; returns the event that releases it."""
     release, running = threading.Event(), threading.Event()
-    handle.worker.submit(lambda: (running.set(), release.wait(60)))
+    handle.loop.call(lambda: (running.set(), release.wait(60)))
     assert running.wait(10)
     return release
 

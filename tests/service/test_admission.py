@@ -15,9 +15,9 @@ import pytest
 
 from pixelprune.settings import PruneSettings
 from pixelprune_api.grounding.v1 import grounding_pb2 as pb
-from service.admission import InstructionLimits, PixelBudget
+from service.admission import STREAM, UNARY, InstructionLimits, PixelBudget, QueueBudget
 from service.errors import QueueFull
-from service_testlib import (FrameFeed, hold_worker, jpeg_bomb, png_bytes, png_claiming,
+from service_testlib import (FrameFeed, hold_engine, jpeg_bomb, png_bytes, png_claiming,
                              raw_image, status_code, stub_for, wait_until)
 
 SIDE = 256  # test images: 256 x 256 = 65536 pixels, no resize
@@ -35,58 +35,92 @@ def image() -> np.ndarray:
     return pixels
 
 
-# --- the budget itself --------------------------------------------------------
+# --- the budgets themselves ----------------------------------------------------
 
-def test_budget_refuses_unary_at_once_and_serves_waiters_in_order():
+def _waiter(budget, name, amount, kind, order, wanted=lambda: True, max_wait=None, errors=None):
+    def run():
+        try:
+            budget.acquire(amount, kind, wanted, max_wait)
+            order.append(name)
+        except QueueFull as exc:
+            (errors if errors is not None else order).append(f"{name}: {exc}")
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_unary_waits_a_bounded_time_then_is_refused():
     seen = []
     budget = PixelBudget(100, on_change=seen.append)
-    budget.try_acquire(60)
-    with pytest.raises(QueueFull, match="60 pixels of images in flight, 50 more do not fit the budget of 100"):
-        budget.try_acquire(50)
-    order, started = [], []
+    held = budget.acquire(60, UNARY)
+    started = time.monotonic()
+    with pytest.raises(QueueFull, match="60 pixels of images in flight, 50 more do not fit the budget of 100 "
+                                        r"\(--max-inflight-pixels\)"):
+        budget.acquire(50, UNARY, max_wait_s=0.2)
+    assert 0.2 <= time.monotonic() - started < 1.0
+    with pytest.raises(QueueFull):  # more than the whole budget: never fits, refused at once
+        budget.acquire(101, STREAM, lambda: True)
+    held.release()
+    held.release()  # a ticket gives its room back once
+    assert seen == [60, 0] and budget.in_use == 0 and budget.waiting == 0
 
-    def waiter(name, pixels):
-        started.append(name)
-        budget.acquire(pixels, wait_while=lambda: True)
-        order.append(name)
 
-    big = threading.Thread(target=waiter, args=("big", 90))
-    big.start()
-    wait_until(lambda: started == ["big"] and len(budget._waiters) == 1)
-    small = threading.Thread(target=waiter, args=("small", 20))
-    small.start()
-    wait_until(lambda: len(budget._waiters) == 2)
-    with pytest.raises(QueueFull):  # 10 pixels would fit, but two streams wait before it
-        budget.try_acquire(10)
+def test_each_line_is_first_come_first_served():
+    budget = PixelBudget(100)
+    held = budget.acquire(60, STREAM)
+    order = []
+    big = _waiter(budget, "big", 90, STREAM, order)
+    wait_until(lambda: budget.waiting == 1)
+    small = _waiter(budget, "small", 20, STREAM, order)
+    wait_until(lambda: budget.waiting == 2)
     time.sleep(0.2)
     assert order == []  # "small" fits (60 + 20 <= 100) but does not overtake "big"
-    budget.release(60)
+    held.release()
     big.join(5)
     assert order == ["big"] and budget.in_use == 90
     budget.release(90)
     small.join(5)
-    assert order == ["big", "small"] and budget.in_use == 20  # 90 + 20 > 100: "small" waited for "big"
-    budget.release(20)
-    assert seen == [60, 0, 90, 0, 20, 0] and budget.in_use == 0
+    assert order == ["big", "small"] and budget.in_use == 20
 
 
-def test_waiter_gives_up_when_no_longer_wanted():
+def test_the_two_lines_take_turns():
+    """Three stream frames and three unary calls wait for a budget of one place: grants alternate, so
+    neither kind locks the other out however many of it wait."""
+    budget = QueueBudget(1)
+    held = budget.acquire(1, STREAM)
+    order, threads = [], []
+    for i in range(3):
+        threads.append(_waiter(budget, f"s{i}", 1, STREAM, order))
+        wait_until(lambda: budget.waiting == len(threads))
+    for i in range(3):
+        threads.append(_waiter(budget, f"u{i}", 1, UNARY, order, max_wait=30))
+        wait_until(lambda: budget.waiting == len(threads))
+    held.release()
+    for _ in range(6):
+        wait_until(lambda: budget.in_use == 1)
+        budget.release(1)
+    for thread in threads:
+        thread.join(5)
+    assert order == ["u0", "s0", "u1", "s1", "u2", "s2"]
+
+
+def test_a_waiter_behind_the_head_that_gives_up_leaves_its_line_and_stalls_are_seen():
     budget = PixelBudget(10)
-    budget.try_acquire(10)
+    held = budget.acquire(10, STREAM)
+    order, errors = [], []
     wanted = threading.Event()
     wanted.set()
-    errors = []
-    thread = threading.Thread(target=lambda: errors.append(pytest.raises(
-        QueueFull, budget.acquire, 5, wanted.is_set)))
-    thread.start()
-    wait_until(lambda: len(budget._waiters) == 1)
+    head = _waiter(budget, "head", 5, STREAM, order, errors=errors)
+    wait_until(lambda: budget.waiting == 1)
+    second = _waiter(budget, "second", 5, STREAM, order, wanted=wanted.is_set, errors=errors)
+    wait_until(lambda: budget.waiting == 2)
     wanted.clear()
-    thread.join(5)
-    assert "gave up waiting for room in the pixel budget" in str(errors[0].value)
-    assert not budget._waiters and budget.in_use == 10
-    with pytest.raises(QueueFull):  # more than the whole budget: never fits, refused at once
-        with budget.reserve(11, wait_while=lambda: True):
-            pass
+    second.join(5)
+    assert errors == ["second: gave up waiting for room in the pixel budget"] and budget.waiting == 1
+    assert not budget.stalled(5.0) and budget.stalled(0.01, now=time.monotonic() + 1)  # waiting, nothing moves
+    held.release()
+    head.join(5)
+    assert order == ["head"] and budget.waiting == 0 and not budget.stalled(0.0)
 
 
 def test_instruction_limits_count_tokens_with_special_tokens_as_text(engine):
@@ -108,14 +142,14 @@ def test_instruction_limits_count_tokens_with_special_tokens_as_text(engine):
 
 # --- through a real server ------------------------------------------------------
 
-def test_unary_over_budget_is_refused_at_once(make_server, channels, image):
+def test_unary_over_budget_is_refused_after_its_wait(make_server, channels, image):
     handle, counting = make_server(max_image_pixels=100_000, max_inflight_pixels=100_000)
     stub = stub_for(channels(handle.port))
     gauge = lambda name: handle.metrics.registry.get_sample_value(name)  # noqa: E731
     assert gauge("pixelprune_inflight_pixels_limit") == 100_000
-    release = hold_worker(handle)
+    release = hold_engine(handle)
     queued = stub.Ground.future(pb.GroundRequest(image=raw_image(image), instruction="first"), timeout=60)
-    wait_until(lambda: handle.worker.depth == 1)
+    wait_until(lambda: handle.loop.waiting == 1)
     assert gauge("pixelprune_inflight_pixels") == PIXELS
     with pytest.raises(grpc.RpcError) as info:  # 2 x 65536 > 100000: refused before decoding
         stub.Ground(pb.GroundRequest(image=pb.Image(encoded=png_bytes(image)), instruction="second"), timeout=10)
@@ -133,15 +167,16 @@ def test_unary_over_budget_is_refused_at_once(make_server, channels, image):
 def test_stream_frame_waits_for_the_budget_and_is_not_overtaken(make_server, channels, image):
     handle, counting = make_server(max_image_pixels=100_000, max_inflight_pixels=100_000)
     stub = stub_for(channels(handle.port))
-    release = hold_worker(handle)
+    release = hold_engine(handle)
     queued = stub.Ground.future(pb.GroundRequest(image=raw_image(image), instruction="unary"), timeout=60)
-    wait_until(lambda: handle.worker.depth == 1)
+    wait_until(lambda: handle.loop.waiting == 1)
     feed = FrameFeed()
     responses = stub.GroundStream(iter(feed), timeout=60)
     feed.send(pb.Frame(image=raw_image(image), instruction="stream", sequence=1))
     wait_until(lambda: handle.metrics.registry.get_sample_value("pixelprune_inflight_pixels") == PIXELS
                 and _waiting(handle) == 1)
-    small = np.ascontiguousarray(image[:128, :128])  # 16384 pixels would fit, but the stream waits first
+    # 16384 pixels would fit, but the stream line's turn comes first (the last room went to a unary call)
+    small = np.ascontiguousarray(image[:128, :128])
     assert status_code(lambda: stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="x"), timeout=10)) == \
         grpc.StatusCode.RESOURCE_EXHAUSTED
     release.set()
@@ -152,8 +187,8 @@ def test_stream_frame_waits_for_the_budget_and_is_not_overtaken(make_server, cha
 
 
 def _waiting(handle) -> int:
-    """Streams waiting in the server's pixel budget."""
-    return len(handle.admission.budget._waiters)
+    """Callers waiting in the server's pixel budget."""
+    return handle.admission.budget.waiting
 
 
 def test_bombs_are_refused_before_decoding(make_server, channels):

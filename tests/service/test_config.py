@@ -115,10 +115,15 @@ def test_session_key_prefix_separates_models_and_answer_lengths():
 
 def test_batching_flags_and_environment():
     config = from_args_and_env([], {})
-    assert (config.max_batch_size, config.max_batch_tokens, config.prefix_cache_bytes) == (32, 32768, 1024 * MIB)
+    assert (config.max_batch_size, config.max_batch_tokens, config.prefix_cache_bytes) == (32, None, 1024 * MIB)
+    assert (config.kv_cache_memory_fraction, config.max_prefill_tokens, config.admission_wait_s,
+            config.stall_timeout_s) == (0.5, 8192, 1.0, 30.0)
     assert (config.no_cuda_graphs, config.stop_after_point) == (False, False)
-    env = {"PIXELPRUNE_MAX_BATCH_SIZE": "8", "PIXELPRUNE_PREFIX_CACHE_BYTES": "0", "PIXELPRUNE_NO_CUDA_GRAPHS": "yes"}
-    config = from_args_and_env(["--max-batch-tokens", "4096", "--stop-after-point", "--max-batch-size", "4"], env)
+    env = {"PIXELPRUNE_MAX_BATCH_SIZE": "8", "PIXELPRUNE_PREFIX_CACHE_BYTES": "0", "PIXELPRUNE_NO_CUDA_GRAPHS": "yes",
+           "PIXELPRUNE_KV_CACHE_MEMORY_FRACTION": "0.8"}
+    config = from_args_and_env(["--max-batch-tokens", "4096", "--stop-after-point", "--max-batch-size", "4",
+                                "--max-prefill-tokens", "2048", "--admission-wait-s", "0", "--stall-timeout-s", "5"],
+                               env)
     assert (config.max_batch_size, config.max_batch_tokens, config.prefix_cache_bytes) == (4, 4096, 0)
     assert (config.no_cuda_graphs, config.stop_after_point) == (True, True)
     from service.server import batch_settings
@@ -126,8 +131,13 @@ def test_batching_flags_and_environment():
     settings = batch_settings(config)
     assert (settings.max_batch_size, settings.max_batch_tokens, settings.cuda_graphs, settings.stop_after_point,
             settings.prefix_cache_bytes, settings.vision_cache_size) == (4, 4096, False, True, 0, 32)
+    assert (settings.kv_cache_memory_fraction, settings.max_prefill_tokens) == (0.8, 2048)
+    assert (config.admission_wait_s, config.stall_timeout_s) == (0.0, 5.0)
     for argv, fragment in ((["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
                            (["--max-batch-tokens", "100"], "--max-batch-tokens must be >= 256"),
+                           (["--kv-cache-memory-fraction", "0"], r"--kv-cache-memory-fraction must be in \(0, 1\]"),
+                           (["--max-prefill-tokens", "0"], "--max-prefill-tokens must be >= 1"),
+                           (["--stall-timeout-s", "0"], "--stall-timeout-s must be > 0"),
                            (["--prefix-cache-bytes", "-1"], "--prefix-cache-bytes must be >= 0")):
         with pytest.raises(ValueError, match=fragment):
             from_args_and_env(argv, {})

@@ -34,14 +34,14 @@ def test_status_of(exc, code, message):
 
 def test_a_bug_is_internal_logged_and_the_server_keeps_serving(make_server, channels, caplog):
     handle, counting = make_server()
-    real_admit = counting.admit
+    real_step = counting.step
 
-    def admit(requests):  # the model worker's entry into the engine
-        if any(r.instruction == "explode" for r in requests):
+    def step(on_step=None):  # the engine loop's entry into the engine
+        if any(s.payload.instruction == "explode" for s in counting.scheduler.waiting):
             return {}["no such key"]
-        return real_admit(requests)
+        return real_step(on_step)
 
-    counting.admit = admit
+    counting.step = step
     stub = stub_for(channels(handle.port))
     pixels = np.full((256, 256, 3), 7, np.uint8)
     with caplog.at_level(logging.ERROR, logger="service.errors"):

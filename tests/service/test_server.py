@@ -149,11 +149,11 @@ def test_stream_newest_frame_wins_and_state_applies_in_order(make_server, channe
     feed = FrameFeed()
     images = _frames_differing(crop, 5)
     release, running = threading.Event(), threading.Event()
-    handle.worker.submit(lambda: (running.set(), release.wait(30)))  # hold the model
+    handle.loop.call(lambda: (running.set(), release.wait(30)))  # hold the model
     assert running.wait(10)
     responses = stub_for(channels(handle.port)).GroundStream(iter(feed), timeout=120)
     feed.send(pb.Frame(image=raw_image(images[0]), instruction="first", sequence=10))
-    while handle.worker.depth < 1:  # frame 10 waits for the model; the next ones pile up behind it
+    while handle.loop.waiting < 1:  # frame 10 waits for the model; the next ones pile up behind it
         threading.Event().wait(0.01)
     feed.send(pb.Frame(image=raw_image(images[1]), sequence=11))
     feed.send(pb.Frame(image=raw_image(images[2]), instruction="second", sequence=12))

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from pixelprune.points import grounding_prompt
 from pixelprune_api.grounding.v1 import grounding_pb2 as pb
 from net_testlib import free_port
-from service_testlib import (FrameFeed, hold_worker, png_bytes, raw_image, scrape,
+from service_testlib import (FrameFeed, hold_engine, png_bytes, raw_image, scrape,
                              status_code, stub_for, wait_until)
 
 SERVICE = "pixelprune.grounding.v1.Grounding"
@@ -124,7 +124,7 @@ def test_many_concurrent_clients(make_server, channels, small):
 def test_full_queue_answers_resource_exhausted_at_once(make_server, channels, small):
     handle, counting = make_server(queue_size=1)
     stub = stub_for(channels(handle.port))
-    release = hold_worker(handle)
+    release = hold_engine(handle)
     futures = [stub.Ground.future(pb.GroundRequest(image=raw_image(small), instruction=f"q{k}"), timeout=60)
                for k in range(4)]
     wait_until(lambda: sum(f.done() for f in futures) == 3)  # three refused while the model is held
@@ -139,20 +139,21 @@ def test_full_queue_answers_resource_exhausted_at_once(make_server, channels, sm
 def test_deadline_expired_while_queued_is_not_run(make_server, channels, small):
     handle, counting = make_server()
     stub = stub_for(channels(handle.port))
-    release = hold_worker(handle)
+    release = hold_engine(handle)
     future = stub.Ground.future(pb.GroundRequest(image=raw_image(small), instruction="too late"), timeout=3.0)
-    wait_until(lambda: handle.worker.depth == 1)  # queued behind the held worker
+    wait_until(lambda: handle.loop.waiting == 1)  # queued behind the held engine
     assert status_code(future.result) == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(0.2)  # the server's copy of the deadline may lag the client's by a clock read
     release.set()
-    wait_until(lambda: handle.worker.skipped == 1 and handle.worker.depth == 0)
+    wait_until(lambda: handle.loop.cancelled == 1 and handle.loop.waiting == 0)
     assert "too late" not in counting.grounded
 
 
 def test_deadline_passing_while_the_model_runs_is_not_counted_as_ok(make_server, channels, small):
     """The client got DEADLINE_EXCEEDED; the request metric must say so, not OK."""
     handle, counting = make_server()
-    real_admit = counting.admit
-    counting.admit = lambda requests: (time.sleep(1.5), real_admit(requests))[1]  # a slow prefill
+    real_step = counting.step
+    counting.step = lambda on_step=None: (real_step(on_step), time.sleep(1.5))[0]  # a slow device
     stub = stub_for(channels(handle.port))
     code = status_code(lambda: stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="slow"), timeout=0.5))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -165,13 +166,13 @@ def test_deadline_passing_while_the_model_runs_is_not_counted_as_ok(make_server,
 def test_cancelled_request_is_not_run(make_server, channels, small):
     handle, counting = make_server()
     stub = stub_for(channels(handle.port))
-    release = hold_worker(handle)
+    release = hold_engine(handle)
     future = stub.Ground.future(pb.GroundRequest(image=raw_image(small), instruction="never mind"), timeout=60)
-    wait_until(lambda: handle.worker.depth == 1)
+    wait_until(lambda: handle.loop.waiting == 1)
     assert future.cancel()
     time.sleep(1.0)  # the server sees the cancellation (RST_STREAM) well within this
     release.set()
-    wait_until(lambda: handle.worker.skipped == 1 and handle.worker.depth == 0)
+    wait_until(lambda: handle.loop.cancelled == 1 and handle.loop.waiting == 0)
     assert "never mind" not in counting.grounded
 
 
@@ -221,7 +222,7 @@ def test_sigterm_drains_in_flight_requests(tiny_checkpoint, corpus_dir, channels
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "pixelprune.cli", "serve", "--model", str(tiny_checkpoint),
                              "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
-                             "--health-port", str(health_port), "--drain-delay-s", "3"],
+                             "--health-port", str(health_port), "--drain-delay-s", "3", "--max-batch-size", "1"],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         channel, health_channel = channels(port), channels(health_port)
@@ -275,10 +276,12 @@ def test_every_metric_is_exported_and_moves(make_server, channels, redis_server,
     real_step = counting.step
     gauge = lambda: handle.metrics.registry.get_sample_value("pixelprune_kv_cache_in_use_bytes")  # noqa: E731
 
-    def step():  # the gauge as the previous decode step left it, and what each step reports
+    def step(on_step=None):  # the gauge as the previous engine step left it, and what each step reports
         seen_in_use.append(gauge())
-        steps.append(real_step())
-        return steps[-1]
+        reported = []
+        ended = real_step(on_step=lambda stats: (reported.append(stats), on_step(stats)))
+        steps.append((reported[0] if reported else None, ended))
+        return ended
 
     counting.step = step
     before = scrape(handle.metrics_port)
@@ -288,7 +291,7 @@ def test_every_metric_is_exported_and_moves(make_server, channels, redis_server,
     request = pb.GroundRequest(image=pb.Image(encoded=png_bytes(small)), instruction="a", session_id="m")
     first = stub.Ground(request)
     stub.Ground(request)  # cache hit
-    release = hold_worker(handle)
+    release = hold_engine(handle)
     queued = stub.Ground.future(pb.GroundRequest(image=raw_image(small), instruction="a", session_id="n"))
     wait_until(lambda: scrape(handle.metrics_port)["pixelprune_queue_depth"] == 1)
     release.set()
@@ -304,19 +307,24 @@ def test_every_metric_is_exported_and_moves(make_server, channels, redis_server,
     assert after["pixelprune_visual_tokens_total{kind=kept}"] == 3 * first.kept_blocks
     assert after["pixelprune_visual_tokens_total{kind=pruned}"] == 3 * (64 - first.kept_blocks) > 0
     assert after["pixelprune_kv_cache_bytes_count"] == 3 and after["pixelprune_kv_cache_bytes_sum"] > 0
-    assert after["pixelprune_queue_wait_seconds_count"] >= 4 and after["pixelprune_queue_depth"] == 0
+    assert after["pixelprune_queue_wait_seconds_count"] == 3 and after["pixelprune_queue_depth"] == 0
     assert after["pixelprune_frame_cache_queries_total"] == 4 and after["pixelprune_frame_cache_hits_total"] == 1
     assert after["pixelprune_changed_block_fraction_count"] == 1  # the cache hit: the only frame with a previous one
     assert after["pixelprune_redis_errors_total"] >= 1
     # KV in use: what the running sequences hold after each decode step (prompt + tokens fed), 0 when idle
-    decoded = [r for r in steps if r.batch_size]
-    assert seen_in_use[1:] == [float(r.kv_bytes) for r in steps[:-1]] and after["pixelprune_kv_cache_in_use_bytes"] == 0
+    decoded = [r for r, _ in steps if r is not None and r.batch_size]
+    expected, last = [], None
+    for r, _ in steps[:-1]:
+        last = float(r.kv_bytes) if r is not None else last
+        expected.append(last)
+    assert [v for v, e in zip(seen_in_use[1:], expected) if e is not None] == [e for e in expected if e is not None]
+    assert after["pixelprune_kv_cache_in_use_bytes"] == 0
     assert after["pixelprune_batch_size_count"] == len(decoded)
     assert after["pixelprune_batch_size_sum"] == sum(r.batch_size for r in decoded)
     per_token = 4 * 2 * 2 * 32 * 4  # tiny model: layers x (K, V) x kv heads x head dim x fp32
     assert any(r.kv_bytes == first.kv_cache_bytes + per_token for r in decoded)  # the prompt + one fed token
     assert second.kept_blocks == first.kept_blocks and second.kv_cache_bytes == first.kv_cache_bytes
-    ended = [seq for r in steps for seq in r.finished]
+    ended = [seq for _, finished in steps for seq in finished]
     assert len(ended) == 3
     assert after["pixelprune_time_per_output_token_seconds_count"] == sum(len(seq.tokens) > 1 for seq in ended)
     # prefix cache: 3 model runs looked; the last (raw bytes of the "n" frame, new instruction) reused it.
@@ -329,14 +337,14 @@ def test_every_metric_is_exported_and_moves(make_server, channels, redis_server,
 
 def test_cancelled_stream_stops_consuming_work(make_server, channels, small):
     handle, counting = make_server()
-    release = hold_worker(handle)
+    release = hold_engine(handle)
     frames = iter([pb.Frame(image=raw_image(small), instruction="abandoned", sequence=1)])
     call = stub_for(channels(handle.port)).GroundStream(frames, timeout=60)
-    wait_until(lambda: handle.worker.depth == 1)
+    wait_until(lambda: handle.loop.waiting == 1)
     call.cancel()
     time.sleep(1.0)  # the server sees the cancellation well within this
     release.set()
-    wait_until(lambda: handle.worker.skipped == 1 and handle.worker.depth == 0)
+    wait_until(lambda: handle.loop.cancelled == 1 and handle.loop.waiting == 0)
     assert counting.grounded == []
     sample = handle.metrics.registry.get_sample_value
     wait_until(lambda: sample("pixelprune_streams_total", {"code": "CANCELLED"}) == 1)
@@ -362,17 +370,17 @@ def test_tls(make_server, tmp_path, small):
 
 
 def test_stream_waits_for_room_instead_of_failing(make_server, channels, small):
-    """queue-size 1, held worker, one unary request queued: a stream's frame waits for room (a
+    """queue-size 1, held engine, one unary request queued: a stream's frame waits for room (a
     unary request in the same state is refused); newer frames replace each other meanwhile."""
     handle, counting = make_server(queue_size=1)
     stub = stub_for(channels(handle.port))
-    release = hold_worker(handle)
+    release = hold_engine(handle)
     queued = stub.Ground.future(pb.GroundRequest(image=raw_image(small), instruction="unary"), timeout=60)
-    wait_until(lambda: handle.worker.depth == 1)
+    wait_until(lambda: handle.loop.waiting == 1)
     feed = FrameFeed()
     responses = stub.GroundStream(iter(feed), timeout=60)
     feed.send(pb.Frame(image=raw_image(small), instruction="first", sequence=1))
-    wait_until(lambda: handle.worker.waiting == 1)  # frame 1 waits for room
+    wait_until(lambda: handle.admission.queue.waiting == 1)  # frame 1 waits for room
     assert status_code(lambda: stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="x"), timeout=10)) == \
         grpc.StatusCode.RESOURCE_EXHAUSTED
     for sequence in (2, 3):

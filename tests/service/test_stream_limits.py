@@ -91,12 +91,12 @@ def test_frames_left_unanswered_are_reported_in_trailing_metadata(make_server, c
     stream: 1 is answered, 2 and 3 were never answered nor reported: trailing metadata says 2."""
     handle, counting = make_server()
     release, running = threading.Event(), threading.Event()
-    handle.worker.submit(lambda: (running.set(), release.wait(60)))
+    handle.loop.call(lambda: (running.set(), release.wait(60)))
     assert running.wait(10)
     feed = FrameFeed()
     call = stub_for(channels(handle.port)).GroundStream(iter(feed), timeout=60)
     feed.send(pb.Frame(image=raw_image(small), instruction="first", session_id="s", sequence=1))
-    wait_until(lambda: handle.worker.depth == 1)
+    wait_until(lambda: handle.loop.waiting == 1)
     for sequence in (2, 3):
         feed.send(pb.Frame(image=raw_image(small), sequence=sequence))
     feed.send(pb.Frame(image=raw_image(small), session_id="other", sequence=4))

@@ -99,7 +99,7 @@ class Point(_message.Message):
     def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("decode_ms", "resize_ms", "select_ms", "patchify_ms", "vit_ms", "prefill_ms", "ttft_ms", "decode_tokens_ms", "queue_ms", "total_ms")
+    __slots__ = ("decode_ms", "resize_ms", "select_ms", "patchify_ms", "vit_ms", "prefill_ms", "ttft_ms", "decode_tokens_ms", "queue_ms", "total_ms", "upload_ms")
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     RESIZE_MS_FIELD_NUMBER: _ClassVar[int]
     SELECT_MS_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class Timings(_message.Message):
     DECODE_TOKENS_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_MS_FIELD_NUMBER: _ClassVar[int]
     decode_ms: float
     resize_ms: float
     select_ms: float
@@ -120,10 +121,11 @@ class Timings(_message.Message):
     decode_tokens_ms: float
     queue_ms: float
     total_ms: float
-    def __init__(self, decode_ms: _Optional[float] = ..., resize_ms: _Optional[float] = ..., select_ms: _Optional[float] = ..., patchify_ms: _Optional[float] = ..., vit_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., decode_tokens_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    upload_ms: float
+    def __init__(self, decode_ms: _Optional[float] = ..., resize_ms: _Optional[float] = ..., select_ms: _Optional[float] = ..., patchify_ms: _Optional[float] = ..., vit_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., decode_tokens_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., upload_ms: _Optional[float] = ...) -> None: ...
 
 class GroundResponse(_message.Message):
-    __slots__ = ("found", "point", "point_normalized", "raw_answer", "kept_blocks", "total_blocks", "retain_ratio", "changed_fraction", "cache_hit", "vision_cache_hit", "session_id", "skipped_frames", "sequence", "timings", "image_width", "image_height", "model_width", "model_height", "random_weights", "keep_mask", "prefix_cache_hit", "kv_cache_bytes")
+    __slots__ = ("found", "point", "point_normalized", "raw_answer", "kept_blocks", "total_blocks", "retain_ratio", "changed_fraction", "cache_hit", "vision_cache_hit", "session_id", "skipped_frames", "sequence", "timings", "image_width", "image_height", "model_width", "model_height", "random_weights", "keep_mask", "prefix_cache_hit", "kv_cache_bytes", "answer_logprob")
     FOUND_FIELD_NUMBER: _ClassVar[int]
     POINT_FIELD_NUMBER: _ClassVar[int]
     POINT_NORMALIZED_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +148,7 @@ class GroundResponse(_message.Message):
     KEEP_MASK_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     found: bool
     point: Point
     point_normalized: Point
@@ -168,4 +171,5 @@ class GroundResponse(_message.Message):
     keep_mask: KeepMask
     prefix_cache_hit: bool
     kv_cache_bytes: int
-    def __init__(self, found: _Optional[bool] = ..., point: _Optional[_Union[Point, _Mapping]] = ..., point_normalized: _Optional[_Union[Point, _Mapping]] = ..., raw_answer: _Optional[str] = ..., kept_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., retain_ratio: _Optional[float] = ..., changed_fraction: _Optional[float] = ..., cache_hit: _Optional[bool] = ..., vision_cache_hit: _Optional[bool] = ..., session_id: _Optional[str] = ..., skipped_frames: _Optional[int] = ..., sequence: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., model_width: _Optional[int] = ..., model_height: _Optional[int] = ..., random_weights: _Optional[bool] = ..., keep_mask: _Optional[_Union[KeepMask, _Mapping]] = ..., prefix_cache_hit: _Optional[bool] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
+    answer_logprob: float
+    def __init__(self, found: _Optional[bool] = ..., point: _Optional[_Union[Point, _Mapping]] = ..., point_normalized: _Optional[_Union[Point, _Mapping]] = ..., raw_answer: _Optional[str] = ..., kept_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., retain_ratio: _Optional[float] = ..., changed_fraction: _Optional[float] = ..., cache_hit: _Optional[bool] = ..., vision_cache_hit: _Optional[bool] = ..., session_id: _Optional[str] = ..., skipped_frames: _Optional[int] = ..., sequence: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., model_width: _Optional[int] = ..., model_height: _Optional[int] = ..., random_weights: _Optional[bool] = ..., keep_mask: _Optional[_Union[KeepMask, _Mapping]] = ..., prefix_cache_hit: _Optional[bool] = ..., kv_cache_bytes: _Optional[int] = ..., answer_logprob: _Optional[float] = ...) -> None: ...
