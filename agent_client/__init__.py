@@ -3,11 +3,12 @@ the `pixelprune-agent` CLI and a live desktop capture loop (mss).
 
     frames.py    image inputs -> the proto's Image (PNG level 1 or raw RGB)
     messages.py  pruning settings in; GroundResult (keep mask included), GroundingError out
-    client.py    GroundingClient: the channel, retries, streams, status -> GroundingError
+    client.py    GroundingClient: the channel, retries, streams, health, status -> GroundingError
     capture.py   monitors, screen grabs, frame -> global coordinates, clicks
-    cli.py       `pixelprune-agent ground` and `live`
+    cli.py       `pixelprune-agent ground`, `live` and `health`
 
-Needs the `client` extra only (grpcio, protobuf, mss): never torch or transformers.
+Needs the `client` extra only (grpcio, grpcio-health-checking, protobuf, mss): never torch,
+transformers or numba.
 """
 
 from agent_client.client import GroundingClient

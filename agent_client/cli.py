@@ -1,8 +1,9 @@
-"""`pixelprune-agent`: ground one screenshot, or watch a live screen.
+"""`pixelprune-agent`: ground one screenshot, watch a live screen, or ask whether a server serves.
 
     pixelprune-agent ground --target HOST:PORT IMAGE "INSTRUCTION" [--json]
     pixelprune-agent live --target HOST:PORT --instruction "..." [--monitor N] [--fps 2]
                           [--frames K] [--click] [--annotate DIR] [--json]
+    pixelprune-agent health --target HOST:PORT [--service NAME]
 
 `live` captures one monitor with mss, streams the frames in one session, and for
 every answer prints the frame's sequence number, the point in frame pixels, the
@@ -10,9 +11,12 @@ same point in GLOBAL screen coordinates (monitor offset and HiDPI scale applied,
 see agent_client.capture), the retain ratio, cache hit, TTFT and skipped frames.
 With --json every answer is one JSON object per line. --annotate saves each
 answered frame at the model's size with the blocks the server pruned dimmed (the
-keep mask of the response: what the model saw, not a guess made here). User
-errors (unreachable server, bad token, no display, bad arguments) print one line
-and exit with 2.
+keep mask of the response: what the model saw, not a guess made here). `health`
+prints the grpc.health.v1 status and exits 0 only for SERVING. Every command
+takes --tls / --tls-ca and --token-file. Errors print one line,
+`pixelprune-agent CMD: error: ...`; exit status 2 for a wrong command line, 1 for a
+failure while running (unreachable server, refused token, no display), as
+pixelprune.cli_common defines.
 """
 
 from __future__ import annotations
@@ -31,54 +35,64 @@ from agent_client.capture import CapturedFrame, ClickError, DisplayError, Screen
     frame_to_global
 from agent_client.client import GroundingClient
 from agent_client.messages import GroundingError, GroundResult
+from pixelprune.cli_common import EXIT_INTERRUPTED, EXIT_RUNTIME, OneLineParser, report, with_default
 from pixelprune.geometry import BLOCK_SIZE, resize_to, smart_resize
 from pixelprune.show import render_keep
 
-EXIT_USER_ERROR = 2
+HEALTH_TIMEOUT_S = 5.0  # a health check's deadline: a probe, not a request that waits for the model
 POINT_RADIUS = 12  # px of the annotation's circle around the answer's point
 RANDOM_WEIGHTS_NOTE = "the served model has RANDOM WEIGHTS (a test checkpoint): its points mean nothing"
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _add_connection_arguments(p: argparse.ArgumentParser) -> None:
+def _add_channel_arguments(p: argparse.ArgumentParser, timeout: float, timeout_help: str) -> None:
+    """Where the server is and how to reach it: the same for every command (and `pixelprune eval --target`)."""
     p.add_argument("--target", required=True, metavar="HOST:PORT", help="the grounding server")
     p.add_argument("--token-file", metavar="FILE", help="file holding the bearer token")
     p.add_argument("--tls-ca", metavar="FILE", help="PEM root certificate(s): use TLS and trust these")
     p.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="S",
-                   help="deadline of one ground request incl. retries, seconds (streams have none) [30]")
+    p.add_argument("--timeout", type=float, default=timeout, metavar="S", help=with_default(timeout_help, timeout))
+
+
+def _add_request_arguments(p: argparse.ArgumentParser) -> None:
+    _add_channel_arguments(p, 30.0, "deadline of one ground request incl. retries, seconds (streams have none)")
     p.add_argument("--session", metavar="ID", help="session id (reuses unchanged frames across calls)")
-    p.add_argument("--method", choices=("pred2d", "raster", "serpentine"), help="pruning scan order")
-    p.add_argument("--metric", choices=("max", "mae"), help="pruning block distance")
-    p.add_argument("--tau", type=float, help="pruning threshold in [0, 1] (0 = lossless)")
+    p.add_argument("--method", choices=("pred2d", "raster", "serpentine"),
+                   help=with_default("pruning scan order", "the server's"))
+    p.add_argument("--metric", choices=("max", "mae"), help=with_default("pruning block distance", "the server's"))
+    p.add_argument("--tau", type=float, help=with_default("pruning threshold in [0, 1] (0 = lossless)", "the server's"))
     p.add_argument("--no-prune", action="store_true", help="let the model see every block")
     p.add_argument("--json", action="store_true", help="print JSON (one object per answer)")
     p.add_argument("--frame-encoding", choices=("png", "raw"), default="png",
-                   help="how pixels travel: png (level 1, ~20x smaller) or raw RGB (no encoding cost; "
-                        "faster on loopback) [png]")
+                   help=with_default("how pixels travel: png (level 1, ~20x smaller) or raw RGB (no encoding cost; "
+                                     "faster on loopback)", "png"))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pixelprune-agent", description="client of the PixelPrune grounding service")
+    parser = OneLineParser(prog="pixelprune-agent", description="client of the PixelPrune grounding service")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     g = sub.add_parser("ground", help="ground an instruction on one screenshot")
     g.add_argument("image", metavar="IMAGE", help="screenshot file (PNG/JPEG/WebP sent as is; others re-encoded)")
     g.add_argument("instruction", metavar="INSTRUCTION", help='what to find, e.g. "click the Save button"')
-    _add_connection_arguments(g)
+    _add_request_arguments(g)
     g.set_defaults(run=run_ground)
     live = sub.add_parser("live", help="stream a monitor and ground an instruction on every frame")
     live.add_argument("--instruction", required=True, help="what to find on the screen")
-    live.add_argument("--monitor", type=int, default=1, help="mss monitor index: 1.. one monitor, 0 all [1]")
-    live.add_argument("--fps", type=float, default=2.0, help="frames captured per second [2]")
-    live.add_argument("--frames", type=int, default=0, help="stop after K frames (0 = until Ctrl-C)")
+    live.add_argument("--monitor", type=int, default=1,
+                      help=with_default("mss monitor index: 1.. one monitor, 0 all", 1))
+    live.add_argument("--fps", type=float, default=2.0, help=with_default("frames captured per second", 2.0))
+    live.add_argument("--frames", type=int, default=0, help=with_default("stop after K frames (0 = until Ctrl-C)", 0))
     live.add_argument("--click", action="store_true", help="click each answer's point (X11: xdotool)")
     live.add_argument("--annotate", metavar="DIR",
                       help="save each answered frame with its point and the blocks the server pruned dimmed")
-    _add_connection_arguments(live)
+    _add_request_arguments(live)
     live.set_defaults(run=run_live)
+    health = sub.add_parser("health", help="print the server's health status (grpc.health.v1); exit 0 only when "
+                                           "SERVING")
+    _add_channel_arguments(health, HEALTH_TIMEOUT_S, "deadline of the check, seconds")
+    health.add_argument("--service", default="", metavar="NAME",
+                        help=with_default("the service whose status to ask, e.g. pixelprune.grounding.v1.Grounding",
+                                          "'', the server as a whole"))
+    health.set_defaults(run=run_health)
     return parser
 
 
@@ -92,7 +106,7 @@ def _client(args: argparse.Namespace) -> GroundingClient:
     if args.timeout <= 0:
         raise ValueError("--timeout must be > 0")
     return GroundingClient(args.target, token=token, tls=tls, timeout=args.timeout,
-                           frame_encoding=args.frame_encoding)
+                           frame_encoding=getattr(args, "frame_encoding", "png"))
 
 
 def _pruning(args: argparse.Namespace) -> dict:
@@ -107,7 +121,9 @@ def describe(result: GroundResult) -> str:
     parts = [where, f"retain {100 * result.retain_ratio:.1f}% ({result.kept_blocks}/{result.total_blocks} blocks)",
              f"changed {100 * result.changed_fraction:.1f}%",
              "cache hit" if result.cache_hit else ("vision reused" if result.vision_cache_hit else "cache miss"),
-             f"ttft {result.ttft_ms:.1f} ms", f"session {result.session_id}"]
+             f"ttft {result.ttft_ms:.1f} ms"]
+    if result.session_id:
+        parts.append(f"session {result.session_id}")
     if result.random_weights:
         parts.append(RANDOM_WEIGHTS_NOTE)
     return " | ".join(parts)
@@ -118,6 +134,13 @@ def run_ground(args: argparse.Namespace) -> int:
         result = client.ground(Path(args.image), args.instruction, session_id=args.session, **_pruning(args))
     print(json.dumps(result.to_json_dict()) if args.json else describe(result))
     return 0
+
+
+def run_health(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.health(args.service)
+    print(status)
+    return 0 if status == "SERVING" else EXIT_RUNTIME
 
 
 class _FrameSource:
@@ -155,7 +178,7 @@ class _FrameSource:
             for old in [s for s in self._pending if s < sequence]:
                 del self._pending[old]
         if frame is None:
-            raise ValueError(f"the server answered frame {sequence}, which was not sent or already answered")
+            raise GroundingError(f"the server answered frame {sequence}, which was not sent or already answered")
         return frame
 
 
@@ -214,9 +237,9 @@ def _answer(result: GroundResult, frame: CapturedFrame, args, annotate: Path | N
 
 def annotate_frame(pixels: np.ndarray, result: GroundResult) -> Image.Image:
     """The frame as the model saw it (resized to the answer's model size), the blocks the
-    server pruned (its keep mask, `result.keep`) dimmed and the block grid drawn
-    (pixelprune.show.render_keep), with the answer's point marked by a circle and crosshair.
-    Without a keep mask from the server nothing is dimmed and the caption says so."""
+    server pruned (its keep mask, `result.keep`) dimmed and the block grid drawn, a caption
+    strip below it (pixelprune.show.render_keep), with the answer's point marked by a circle
+    and crosshair. Without a keep mask from the server nothing is dimmed and the caption says so."""
     height, width = pixels.shape[:2]
     model_w, model_h = result.model_size
     if model_w <= 0 or model_h <= 0:
@@ -255,11 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.run(args) or 0)
-    except (GroundingError, DisplayError, ClickError, ValueError, OSError) as exc:
-        print(f"pixelprune-agent {args.command}: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except (GroundingError, DisplayError, ClickError, ValueError, OSError) as exc:  # one line: cli_common
+        return report(f"pixelprune-agent {args.command}", exc)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent_client.frames import (DEFAULT_MAX_MESSAGE_BYTES, MESSAGE_OVERHEAD_BYTES, ImageInput,
                                  check_frame_encoding, encode_image)
@@ -111,6 +112,21 @@ class GroundingClient:
             image=encode_image(image, self.max_message_bytes, self.frame_encoding), instruction=instruction,
             session_id=session_id or "", pruning=pruning_settings(method, metric, tau, prune))
         return GroundResult.from_pb(self._with_retries("Ground", self._stub.Ground, request))
+
+    def health(self, service: str = "") -> str:
+        """The server's grpc.health.v1 status of `service` ("" = the server as a whole): "SERVING",
+        "NOT_SERVING" (warming up or draining), ... One attempt within `timeout`, not retried
+        (a probe reports what is, now). GroundingError when the server cannot be asked."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            reply = health_pb2_grpc.HealthStub(self._channel).Check(request, timeout=self.timeout,
+                                                                     metadata=self._metadata)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise GroundingError(f"the server at {self.target} reports no health for the service '{service}'",
+                                     exc.code()) from None
+            raise self._error(exc) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def _with_retries(self, name: str, rpc, request):
         """Call a unary rpc within one deadline of `timeout` seconds, retrying UNAVAILABLE

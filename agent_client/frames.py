@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pixelprune.geometry import to_rgb_array
 from pixelprune_api.grounding.v1 import grounding_pb2 as pb
@@ -80,6 +80,8 @@ def encode_image(image: ImageInput, max_message_bytes: int = DEFAULT_MAX_MESSAGE
         try:
             with Image.open(io.BytesIO(data)) as im:
                 pixels = to_rgb_array(im)
+        except UnidentifiedImageError:  # its message would name the BytesIO object
+            raise ValueError(f"{path}: not an image file (PNG, JPEG, WebP or another format Pillow reads)") from None
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise ValueError(f"{path}: not an image file Pillow can read ({exc})") from None
         return encode_pixels(pixels, max_message_bytes, frame_encoding)

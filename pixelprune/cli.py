@@ -3,14 +3,16 @@
 Each subcommand lives in the module that owns its stage of the data flow; that
 module exposes `add_arguments(parser)` and `run(args) -> int`. Modules are
 imported only when their subcommand runs, so `pixelprune stats` never imports
-torch or transformers.
+torch or transformers. Nothing imports this module: the error types and the one
+error format every subcommand shares are in pixelprune.cli_common.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
+
+from pixelprune.cli_common import EXIT_INTERRUPTED, EXIT_RUNTIME, CliError, OneLineParser, report
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -25,13 +27,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 EXTRAS = {"tiny-checkpoint": "model", "serve": "service", "eval": "model"}  # eval --target: "client"
 
 
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="pixelprune", description="PixelPrune: lossless visual-token pruning for Qwen3-VL")
+    parser = OneLineParser(prog="pixelprune", description="PixelPrune: lossless visual-token pruning for Qwen3-VL")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = argv[0] if argv else None
     module = None
@@ -45,17 +43,16 @@ def main(argv: list[str] | None = None) -> int:
                 extra = EXTRAS.get(name, "dev")
                 print(f"pixelprune {name}: error: {exc}; install the '{extra}' extra: "
                       f"pip install 'pixelprune[{extra}]'", file=sys.stderr)
-                return 2
+                return EXIT_RUNTIME
             module.add_arguments(p)
     args = parser.parse_args(argv)
     module = module or importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)
-    except (CliError, ValueError, FileNotFoundError, PermissionError) as exc:
-        print(f"pixelprune {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except (CliError, ValueError, OSError) as exc:  # one line; exit 2 for usage, 1 for runtime (cli_common)
+        return report(f"pixelprune {args.command}", exc)
 
 
 if __name__ == "__main__":

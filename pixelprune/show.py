@@ -1,10 +1,12 @@
 """Draw what PixelPrune keeps (`pixelprune show`, the paper's Figure 1).
 
 Kept blocks are drawn as they are, pruned blocks are blended towards dark grey,
-a thin grid marks the 32x32 block boundaries, and a box states the retain
-ratio, kept/total blocks and the selector settings. The picture has the size
-the selector saw (after smart_resize, or the block-aligned crop), so the grid
-lines up with the visual tokens.
+a thin grid marks the 32x32 block boundaries, and a label strip below the image
+states the retain ratio, kept/total blocks and the selector settings: nothing of
+the screenshot is covered (apps keep their menus in its corners). The image part
+has the size the selector saw (after smart_resize, or the block-aligned crop),
+at the top left of the picture, so the grid lines up with the visual tokens and
+a point in model pixels is the same point in the picture.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ DIM_COLOR = np.array([24, 24, 28], dtype=np.float32)  # pruned blocks fade towar
 DIM_STRENGTH = 0.72  # 0 = pruned blocks unchanged, 1 = solid DIM_COLOR
 GRID_COLOR = np.array([120, 120, 130], dtype=np.float32)  # block boundary lines ...
 GRID_STRENGTH = 0.45  # ... blended at this opacity, so text under them stays readable
-BOX_FILL = (16, 16, 20, 232)  # label box, RGBA
+LABEL_FILL = (16, 16, 20)  # the label strip below the image
 TEXT_COLOR = (255, 255, 255, 255)
 ACCENT_COLOR = (120, 220, 130, 255)  # the retain-ratio headline
 
@@ -69,40 +71,42 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _draw_label(image: Image.Image, lines: list[str]) -> Image.Image:
-    """A dark rounded box in the top-left corner with `lines` (the first one
-    larger, as a headline), scaled to the image: legible on a 4K screenshot,
-    shrunk to fit on a small one."""
-    width, height = image.size
-    size = max(12, round((width * height) ** 0.5 / 48))  # ~60 px text on 4K, ~30 on 1080p
+def _fit_fonts(lines: list[str], width: int, size: int) -> tuple[list, list[tuple[int, int, int, int]], int]:
+    """(fonts, text boxes, size): the first line larger (a headline), shrunk until the widest
+    line fits `width` with its padding (or the size reaches 8 px)."""
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     while True:
         fonts = [_font(round(size * 1.35))] + [_font(size)] * (len(lines) - 1)
-        draw = ImageDraw.Draw(image)
         boxes = [draw.textbbox((0, 0), text, font=f) for text, f in zip(lines, fonts)]
-        pad, gap = size // 2, size // 3
-        box_w = max(b[2] - b[0] for b in boxes) + 2 * pad
-        box_h = sum(b[3] - b[1] for b in boxes) + gap * (len(lines) - 1) + 2 * pad
-        if (box_w <= width - 2 * pad and box_h <= height - 2 * pad) or size <= 8:
-            break
+        if max(b[2] - b[0] for b in boxes) + size <= width or size <= 8:
+            return fonts, boxes, size
         size -= max(1, size // 8)
-    area = (pad, pad, min(width, pad + box_w + 1), min(height, pad + box_h + 1))  # only this part changes
-    overlay = Image.new("RGBA", (area[2] - area[0], area[3] - area[1]), (0, 0, 0, 0))
-    draw = ImageDraw.Draw(overlay)
-    draw.rounded_rectangle((0, 0, box_w, box_h), radius=pad, fill=BOX_FILL)
-    y = pad
+
+
+def _add_label(image: Image.Image, lines: list[str]) -> Image.Image:
+    """`image` with a dark strip below it holding `lines`, scaled to the image: legible on a 4K
+    screenshot (~60 px text), shrunk to fit a small one. The image itself is not touched."""
+    width, height = image.size
+    fonts, boxes, size = _fit_fonts(lines, width, max(12, round((width * height) ** 0.5 / 48)))
+    pad, gap = size // 2, size // 3
+    strip = sum(b[3] - b[1] for b in boxes) + gap * (len(lines) - 1) + 2 * pad
+    picture = Image.new("RGB", (width, height + strip), LABEL_FILL)
+    picture.paste(image, (0, 0))
+    draw = ImageDraw.Draw(picture)
+    y = height + pad
     for i, (text, font, box) in enumerate(zip(lines, fonts, boxes)):
         draw.text((pad - box[0], y - box[1]), text, font=font, fill=ACCENT_COLOR if i == 0 else TEXT_COLOR)
         y += box[3] - box[1] + gap
-    image.paste(Image.alpha_composite(image.crop(area).convert("RGBA"), overlay).convert("RGB"), area[:2])
-    return image
+    return picture
 
 
 def render_keep(pixels: np.ndarray, keep, caption: str | None = None, *, grid: bool = True,
                 show_ratio: bool = True) -> Image.Image:
     """PIL RGB image of `pixels` (uint8 (H, W, 3), sides multiples of 32) with
-    pruned blocks (keep False) dimmed, the block grid, and a label box stating
-    the retain ratio and kept/total blocks (show_ratio) and `caption` (e.g. the
-    selector settings) on its own line. No box when both are off."""
+    pruned blocks (keep False) dimmed and the block grid, and below it a label strip
+    stating the retain ratio and kept/total blocks (show_ratio) and `caption` (e.g.
+    the selector settings) on its own line. The picture is W wide and H + the strip
+    high, the image at its top left; no strip (exactly W x H) when both are off."""
     keep = _check_keep(pixels, keep)
     image = _draw_blocks(pixels, keep, grid)
     lines = []
@@ -110,7 +114,7 @@ def render_keep(pixels: np.ndarray, keep, caption: str | None = None, *, grid: b
         lines += [f"retain {100 * keep.mean():.1f} %", f"{int(keep.sum())} / {keep.size} blocks kept"]
     if caption:
         lines.append(caption)
-    return _draw_label(image, lines) if lines else image
+    return _add_label(image, lines) if lines else image
 
 
 def settings_caption(method: str, metric: str, tau: float, resize: bool) -> str:
@@ -138,6 +142,6 @@ def run(args: argparse.Namespace) -> int:
         picture.save(out)
     except (OSError, ValueError) as exc:  # unknown extension, missing folder, read-only ...
         raise ValueError(f"{out}: cannot write the picture ({exc})") from None
-    print(f"{out}: {picture.width}x{picture.height}, kept {int(keep.sum())}/{keep.size} blocks "
-          f"({100 * keep.mean():.1f} %)")
+    print(f"{out}: {picture.width}x{picture.height} (the {pixels.shape[1]}x{pixels.shape[0]} image the selector "
+          f"saw, the label below it), kept {int(keep.sum())}/{keep.size} blocks ({100 * keep.mean():.1f} %)")
     return 0

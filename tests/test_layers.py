@@ -1,6 +1,8 @@
 """The floors of the code, read from the import statements: the core never imports torch,
 transformers, grpc or the layers above it; the model layer never imports the service or the
-client; and nothing in the library imports in a circle."""
+client; nothing in the library (`pixelprune/`, every subpackage) imports the service or the
+client package; no module imports back from the `pixelprune` dispatcher (pixelprune.cli); and
+nothing in the library imports in a circle."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CORE = sorted(p for p in (ROOT / "pixelprune").glob("*.py"))
 MODEL = sorted((ROOT / "pixelprune" / "model").glob("*.py"))
+LIBRARY = sorted((ROOT / "pixelprune").rglob("*.py"))
+PACKAGES = sorted(p for folder in ("pixelprune", "service", "agent_client") for p in (ROOT / folder).rglob("*.py"))
 
 
 def module_name(path: Path) -> str:
@@ -51,9 +55,29 @@ def test_model_layer_imports_no_service_or_client(path):
     assert not bad, f"pixelprune/model/{path.name} imports {bad}"
 
 
+@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: str(p.relative_to(ROOT / "pixelprune")))
+def test_the_library_imports_neither_the_service_nor_the_client(path):
+    """`pixelprune eval --target` speaks the contract's stubs (pixelprune_api), not agent_client."""
+    bad = sorted(name for name in imports_of(path) if top(name) in {"service", "agent_client"})
+    assert not bad, f"pixelprune/{path.relative_to(ROOT / 'pixelprune')} imports {bad}"
+
+
+@pytest.mark.parametrize("path", PACKAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_nothing_imports_back_from_the_dispatcher(path):
+    """pixelprune.cli imports the subcommands (serve, eval, ...); they take what they share from
+    pixelprune.cli_common, below all of them."""
+    assert "pixelprune.cli" not in imports_of(path), f"{path.relative_to(ROOT)} imports pixelprune.cli"
+
+
+def test_the_rules_see_the_files_that_broke_them():
+    """The scans above cover the modules that once imported upward, and would see it again."""
+    assert ROOT / "pixelprune" / "eval" / "runners.py" in LIBRARY
+    assert {ROOT / "service" / "cli.py", ROOT / "pixelprune" / "eval" / "command.py"} <= set(PACKAGES)
+
+
 def test_no_import_cycle_in_the_library():
     graph = {}
-    for path in CORE + MODEL:
+    for path in LIBRARY:
         graph[module_name(path)] = {name for name in imports_of(path) if name.startswith("pixelprune.")}
     # a package's __init__ that only re-exports lazily does not count as importing its modules
     state: dict[str, int] = {}

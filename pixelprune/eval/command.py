@@ -2,13 +2,13 @@
 
     pixelprune eval screenspot_v2/ --images screenspot_v2/screenspotv2_image --model Qwen/Qwen3-VL-2B-Instruct \\
         --settings full,pred2d:max:0,pred2d:max:0.02 --markdown eval.md --jsonl eval.jsonl --plot eval.png
-    pixelprune eval screenspot_v2/ --target 127.0.0.1:50051 --token-file token ...
+    pixelprune eval screenspot_v2/ --target grounding.example:50051 --tls --token-file token ...
 
 Every sample runs under every setting. The table (terminal and --markdown) has accuracy,
 retain ratio, TTFT p50 and KV bytes per category and setting; --jsonl holds every
 prediction and makes the run resumable; Ctrl-C stops and writes what is done. Exit
-status: 0, 2 when some samples could not be evaluated (listed) or on an error that ends
-the run, 130 after Ctrl-C.
+status: 0; 1 when some samples could not be evaluated (listed) or a failure ended the
+run; 2 for a wrong command line (pixelprune.cli_common); 130 after Ctrl-C.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from pixelprune.cli import CliError
+from pixelprune.cli_common import EXIT_INTERRUPTED, EXIT_RUNTIME, CliError, UsageError, with_default
 from pixelprune.eval.data import FORMATS, BadSample, Sample, check_box, choose, load_dataset
 from pixelprune.eval.records import PredictionLog, score
 from pixelprune.eval.report import markdown, plot, summarize, text_table
-from pixelprune.eval.runners import EngineRunner, RunnerFailed, SampleFailed, ServiceRunner
+from pixelprune.eval.runners import EngineRunner, RunnerFailed, SampleFailed, ServiceRunner, unreadable_image
+from pixelprune.model.checkpoint import check_model
 from pixelprune.settings import PruneSettings
 
 DEFAULT_SETTINGS = "full,pred2d:max:0,pred2d:max:0.02"
@@ -51,7 +52,7 @@ def image_size(path: Path) -> tuple[int, int]:
     except FileNotFoundError:
         raise ValueError(f"image {path} not found") from None
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"cannot read image {path} ({exc})") from None
+        raise ValueError(unreadable_image(path, exc)) from None
 
 
 def _report(bad: BadSample) -> None:
@@ -87,15 +88,40 @@ def evaluate(samples: list[Sample], settings: list[PruneSettings], runner, log: 
             log.add(score(sample, str(setting), answer))
 
 
+def read_token(token_file: str | None) -> str | None:
+    """The bearer token in `token_file` (stripped), or None without a file."""
+    if token_file is None:
+        return None
+    token = Path(token_file).read_text(encoding="utf-8").strip()
+    if not token:
+        raise UsageError(f"--token-file {token_file} is empty")
+    return token
+
+
+def _check_runner_arguments(args: argparse.Namespace) -> None:
+    """Options that go with --model only, or with --target only (usage errors)."""
+    if args.model is not None:
+        remote = [flag for flag, value in (("--token-file", args.token_file), ("--tls", args.tls),
+                                           ("--tls-ca", args.tls_ca)) if value]
+        if remote:
+            raise UsageError(f"{', '.join(remote)} go{'es' if len(remote) == 1 else ''} with --target, not --model")
+    elif args.device is not None or args.dtype is not None:
+        raise UsageError("--device and --dtype go with --model; the service has its own")
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout must be > 0, got {args.timeout:g}")
+
+
 def open_runner(args: argparse.Namespace):
     """The runner --model or --target asks for (loads the model, or opens the channel)."""
-    if args.model is not None:
-        if args.token_file is not None:
-            raise ValueError("--token-file goes with --target, not --model")
-        return EngineRunner(args.model, device=args.device or "auto", dtype=args.dtype or "auto")
-    if args.device is not None or args.dtype is not None:
-        raise ValueError("--device and --dtype go with --model; the service has its own")
-    return ServiceRunner(args.target, token_file=args.token_file, timeout=args.timeout)
+    _check_runner_arguments(args)
+    try:
+        if args.model is not None:
+            check_model(args.model)  # a wrong path or an unreachable hub id: one line, before torch loads
+            return EngineRunner(args.model, device=args.device or "auto", dtype=args.dtype or "auto")
+        tls = args.tls_ca or args.tls or None
+        return ServiceRunner(args.target, token=read_token(args.token_file), tls=tls, timeout=args.timeout)
+    except RunnerFailed as exc:
+        raise CliError(str(exc)) from None
 
 
 def _write_outputs(args, summary) -> None:
@@ -122,10 +148,14 @@ def _select(args: argparse.Namespace) -> tuple[list[PruneSettings], list[BadSamp
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     samples = choose(dataset.samples, categories, args.limit, args.seed)
     _check_plot_extra(args)
+    if not samples:  # nothing to run: one error, which is the bad file itself when there is one
+        if len(dataset.bad) == 1:
+            raise UsageError(str(dataset.bad[0]))
+        for item in dataset.bad:
+            _report(item)
+        raise UsageError(f"no samples to evaluate in {args.data}")
     for item in dataset.bad:
         _report(item)
-    if not samples:
-        raise CliError(f"no samples to evaluate in {args.data}")
     return settings, list(dataset.bad), samples
 
 
@@ -163,24 +193,30 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"stopped after {len(done)} of {len(planned)} answers: {fatal}")
     if fatal is not None:
         raise fatal
-    return 130 if interrupted else (2 if bad else 0)
+    return EXIT_INTERRUPTED if interrupted else (EXIT_RUNTIME if bad else 0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", metavar="DATA", help="annotation JSON file, or a folder of them (searched recursively)")
     who = parser.add_mutually_exclusive_group(required=True)
-    who.add_argument("--model", metavar="DIR_OR_HUB_ID", help="run this Qwen3-VL checkpoint in process")
+    who.add_argument("--model", metavar="DIR_OR_HUB_ID",
+                     help="run this Qwen3-VL checkpoint in process: a checkpoint directory or a Hugging Face hub id")
     who.add_argument("--target", metavar="HOST:PORT", help="ask a running `pixelprune serve` instead")
-    parser.add_argument("--device", help="with --model: auto (default), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", help="with --model: auto (default: bfloat16 on CUDA, float32 on CPU), "
-                                        "float32, bfloat16, float16")
-    parser.add_argument("--token-file", metavar="FILE", help="with --target: file holding the bearer token")
-    parser.add_argument("--timeout", type=float, default=60.0, help="with --target: seconds per request (default 60)")
+    model = parser.add_argument_group("with --model")
+    model.add_argument("--device", help=with_default("cpu, cuda, cuda:N", "auto"))
+    model.add_argument("--dtype", help=with_default("float32, bfloat16, float16; auto = bfloat16 on CUDA, float32 "
+                                                    "on CPU", "auto"))
+    served = parser.add_argument_group("with --target (the options of pixelprune-agent)")
+    served.add_argument("--token-file", metavar="FILE", help="file holding the bearer token")
+    served.add_argument("--tls-ca", metavar="FILE", help="PEM root certificate(s): use TLS and trust these")
+    served.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    served.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                        help=with_default("deadline of one request incl. retries, seconds", 60))
     parser.add_argument("--settings", default=DEFAULT_SETTINGS,
-                        help=f"comma-separated pruning settings, 'full' = off (default {DEFAULT_SETTINGS})")
-    parser.add_argument("--format", choices=FORMATS, help="annotation format (default: detected per file)")
-    parser.add_argument("--images", metavar="DIR", help="folder img_filename is relative to "
-                                                        "(default: the annotation file's folder)")
+                        help=with_default("comma-separated pruning settings, 'full' = off", DEFAULT_SETTINGS))
+    parser.add_argument("--format", choices=FORMATS, help=with_default("annotation format", "detected per file"))
+    parser.add_argument("--images", metavar="DIR", help=with_default("folder img_filename is relative to",
+                                                                     "the annotation file's folder"))
     parser.add_argument("--markdown", metavar="FILE", help="also write the table as markdown")
     parser.add_argument("--jsonl", metavar="FILE", help="every prediction, one JSON per line; a rerun resumes")
     parser.add_argument("--plot", metavar="FILE", help="PNG chart of accuracy vs retain ratio per category")

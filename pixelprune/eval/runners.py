@@ -1,27 +1,39 @@
 """Who answers a sample in `pixelprune eval`: a model in this process, or a running service.
 
     EngineRunner("Qwen/Qwen3-VL-2B-Instruct", device="cuda")   # GroundingEngine (the `model` extra)
-    ServiceRunner("127.0.0.1:50051", token_file="token")       # GroundingClient (the `client` extra)
+    ServiceRunner("grounding.example:50051", token="...", tls=True)   # its gRPC contract (the `client` extra)
     answer = runner.answer(Path("shot.png"), "the Save button", PruneSettings.parse("pred2d:max:0.02"))
 
 Both return an `Answer` with the click in pixels of the screenshot file, the blocks the
 model saw, the time to first token and the prompt's KV-cache bytes. torch and grpc are
-imported when a runner is built, never when this module is imported.
+imported when a runner is built, never when this module is imported. The service runner
+speaks the generated stubs of the contract (`pixelprune_api`) itself: the library never
+imports the client package (`agent_client`), which sits above it.
 
 A failure that concerns one sample (an image the model cannot take, a request the server
 rejects) raises `SampleFailed` and the run goes on; one that ends the run (the server
-unreachable, the token refused) raises `RunnerFailed`.
+unreachable, the token refused, a checkpoint that cannot be read) raises `RunnerFailed`.
 """
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pixelprune.eval.records import Answer
 from pixelprune.geometry import to_rgb_array
 from pixelprune.settings import PruneSettings
+
+GROUNDING_SERVICE = "pixelprune.grounding.v1.Grounding"
+SERVED_FORMATS = ("PNG", "JPEG", "WEBP")  # image files sent as they are (the server decodes these); others as PNG
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the server's default --max-message-bytes
+# UNAVAILABLE (server down, restarting, not yet listening) is retried by gRPC itself, within the
+# request's deadline: 3 more attempts, after random waits of up to 0.2, 0.4, 0.8 s.
+RETRY_POLICY = {"maxAttempts": 4, "initialBackoff": "0.2s", "maxBackoff": "5s", "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"]}
 
 
 class SampleFailed(Exception):
@@ -32,8 +44,15 @@ class RunnerFailed(Exception):
     """Nothing more can be answered (server gone, token refused)."""
 
 
-def _missing_extra(exc: ModuleNotFoundError, flag: str, extra: str) -> ValueError:
-    return ValueError(f"{exc}; {flag} needs the '{extra}' extra: pip install 'pixelprune[{extra}]'")
+def _missing_extra(exc: ModuleNotFoundError, flag: str, extra: str) -> RunnerFailed:
+    return RunnerFailed(f"{exc}; {flag} needs the '{extra}' extra: pip install 'pixelprune[{extra}]'")
+
+
+def unreadable_image(path: Path, exc: BaseException) -> str:
+    """One line for an image file Pillow cannot read (its own message names a file object's repr)."""
+    if isinstance(exc, UnidentifiedImageError):
+        return f"cannot read image {path}: not an image file Pillow can read"
+    return f"cannot read image {path} ({' '.join(str(exc).split())})"
 
 
 class EngineRunner:
@@ -46,8 +65,10 @@ class EngineRunner:
             raise _missing_extra(exc, "--model", "model") from None
         try:
             self.engine = GroundingEngine.load(ModelSpec(model=model, device=device, dtype=dtype))
-        except (OSError, ValueError) as exc:  # no such checkpoint, not a Qwen3-VL one, bad device or dtype
-            raise ValueError(f"cannot load model {model!r}: {' '.join(str(exc).split())}") from None
+        except ValueError as exc:  # not a Qwen3-VL checkpoint, bad device or dtype
+            raise ValueError(f"cannot load model {model}: {' '.join(str(exc).split())}") from None
+        except OSError as exc:  # unreadable or incomplete checkpoint files
+            raise RunnerFailed(f"cannot load model {model}: {' '.join(str(exc).split())}") from None
         if warmup:
             self.engine.warmup()
         dtype_name = str(self.engine.dtype).removeprefix("torch.")
@@ -60,7 +81,7 @@ class EngineRunner:
                 with Image.open(image) as opened:
                     self._image = (image, to_rgb_array(opened).copy())
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
-                raise SampleFailed(f"cannot read image {image} ({exc})") from None
+                raise SampleFailed(unreadable_image(image, exc)) from None
         return self._image[1]
 
     def answer(self, image: Path, instruction: str, settings: PruneSettings) -> Answer:
@@ -77,43 +98,80 @@ class EngineRunner:
         self._image = None
 
 
-def read_token(token_file: str | Path | None) -> str | None:
-    """The bearer token in `token_file` (stripped), or None without a file."""
-    if token_file is None:
-        return None
-    token = Path(token_file).read_text(encoding="utf-8").strip()
-    if not token:
-        raise ValueError(f"--token-file {token_file} is empty")
-    return token
+def image_bytes(path: Path) -> bytes:
+    """What a request carries for a screenshot file: its bytes when the server decodes the format
+    (SERVED_FORMATS), else its pixels as PNG. SampleFailed when Pillow cannot read it."""
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format in SERVED_FORMATS:
+                return data
+            out = io.BytesIO()
+            Image.fromarray(to_rgb_array(image)).save(out, format="PNG", compress_level=1)
+            return out.getvalue()
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise SampleFailed(unreadable_image(path, exc)) from None
 
 
 class ServiceRunner:
-    """A running `pixelprune serve`, through agent_client's GroundingClient; each request carries
-    the setting under test as its PruningSettings and no session (no answer comes from a cache)."""
+    """A running `pixelprune serve`, over its gRPC contract (plaintext, or TLS with `tls`: True for
+    the system's root certificates, a path for a PEM file of them). Each request carries the
+    setting under test as its PruningSettings and no session (no answer comes from a cache)."""
 
-    def __init__(self, target: str, token_file: str | Path | None = None, timeout: float = 60.0):
+    def __init__(self, target: str, token: str | None = None, tls: bool | str | Path | None = None,
+                 timeout: float = 60.0):
         try:
-            from agent_client.client import GroundingClient
+            import grpc
+            from pixelprune_api.grounding.v1 import grounding_pb2, grounding_pb2_grpc
         except ModuleNotFoundError as exc:
             raise _missing_extra(exc, "--target", "client") from None
-        self.client = GroundingClient(target, token=read_token(token_file), timeout=timeout)
+        self._grpc, self._pb = grpc, grounding_pb2
+        service_config = {"methodConfig": [{"name": [{"service": GROUNDING_SERVICE}], "retryPolicy": RETRY_POLICY}]}
+        options = [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(service_config)),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        if tls:
+            roots = None if tls is True else Path(tls).read_bytes()
+            credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._ground = grounding_pb2_grpc.GroundingStub(self._channel).Ground
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.target, self.timeout = target, timeout
         self.source = f"service at {target}"
 
-    def answer(self, image: Path, instruction: str, settings: PruneSettings) -> Answer:
-        from agent_client.client import AuthenticationError, GroundingError, ServerUnavailable
+    def _pruning(self, settings: PruneSettings):
+        pruning = self._pb.PruningSettings
+        if not settings.enabled:
+            return pruning(disabled=True)
+        return pruning(method=pruning.Method.Value(f"METHOD_{settings.method.upper()}"),
+                       metric=pruning.Metric.Value(f"METRIC_{settings.metric.upper()}"), tau=settings.tau)
 
-        pruning = (dict(method=settings.method, metric=settings.metric, tau=settings.tau) if settings.enabled
-                   else dict(prune=False))
+    def answer(self, image: Path, instruction: str, settings: PruneSettings) -> Answer:
+        request = self._pb.GroundRequest(image=self._pb.Image(encoded=image_bytes(image)), instruction=instruction,
+                                         pruning=self._pruning(settings))
         try:
-            result = self.client.ground(image, instruction, **pruning)
-        except (AuthenticationError, ServerUnavailable) as exc:
-            raise RunnerFailed(str(exc)) from None
-        except (GroundingError, ValueError, OSError) as exc:  # rejected request, unreadable image
-            raise SampleFailed(" ".join(str(exc).split())) from None
-        # 0 = the model did not run (a session cache hit; eval sends no session): shown as n/a
-        return Answer(point=result.point, raw_answer=result.raw_answer, kept_blocks=result.kept_blocks,
-                      total_blocks=result.total_blocks, ttft_ms=result.ttft_ms, kv_bytes=result.kv_cache_bytes or None,
-                      random_weights=result.random_weights)
+            r = self._ground(request, timeout=self.timeout, metadata=self._metadata)
+        except self._grpc.RpcError as exc:
+            raise self._failure(exc) from None
+        # kv_cache_bytes 0 = the model did not run (a session cache hit; eval sends no session): shown as n/a
+        return Answer(point=(r.point.x, r.point.y) if r.found else None, raw_answer=r.raw_answer,
+                      kept_blocks=r.kept_blocks, total_blocks=r.total_blocks, ttft_ms=r.timings.ttft_ms,
+                      kv_bytes=r.kv_cache_bytes or None, random_weights=r.random_weights)
+
+    def _failure(self, exc) -> Exception:
+        """RunnerFailed when no request can succeed (unreachable, token refused), else SampleFailed."""
+        code, details = exc.code(), " ".join((exc.details() or "no details").split())
+        status = self._grpc.StatusCode
+        if code == status.UNAVAILABLE:
+            return RunnerFailed(f"cannot reach the grounding server at {self.target}: {details}")
+        if code == status.UNAUTHENTICATED:
+            why = "a bad token" if self._metadata else "no token given"
+            return RunnerFailed(f"the server at {self.target} refused the request ({why}): {details}")
+        if code == status.DEADLINE_EXCEEDED:
+            return SampleFailed(f"no answer from {self.target} within {self.timeout:g} s")
+        return SampleFailed(f"{code.name}: {details}")
 
     def close(self) -> None:
-        self.client.close()
+        self._channel.close()

@@ -15,6 +15,7 @@
 | `prefix` | cached prompt prefixes (`PrefixEntry`) and the bounded LRU they live in |
 | `selectors_torch` | the selectors of `pixelprune.selectors` on torch uint8 tensors (any device) |
 | `tiny` | a tiny random-weight Qwen3-VL checkpoint for tests (`pixelprune tiny-checkpoint`) |
+| `checkpoint` | what `--model` names, checked before anything loads (directory with config.json, or hub id) |
 
 Arrows point one way: this floor imports the core (`pixelprune.settings`, `geometry`,
 `selectors`, `points`, ...); the core never imports this floor.

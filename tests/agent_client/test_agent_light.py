@@ -1,6 +1,6 @@
 """The client needs no model layer: `import agent_client` and every `pixelprune-agent` path load
 no torch or transformers, the CLI grounds with them made unimportable, and the packages pip
-installs for `.[client]` name neither. (The README's fresh-venv check does the real install.)"""
+installs for `.[client]` name neither, nor numba. (test_client_venv.py does the real install.)"""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from agent_testlib import TOKEN
 ROOT = Path(__file__).resolve().parents[2]
 # (grpc_health and grpc_reflection are not here: grpcio's own __init__ imports them when installed)
 HEAVY = ("torch", "transformers", "safetensors", "flash_attn", "redis", "prometheus_client", "service",
-         "pixelprune.model", "pixelprune.selectors")
+         "pixelprune.model", "pixelprune.selectors", "numba", "llvmlite")
 
 # Runs argv through agent_client.cli.main with the model libraries unimportable (a None entry
 # in sys.modules makes `import torch` raise ImportError, as in a venv without them), then
 # prints which of HEAVY got loaded.
 _PROBE = """
 import json, sys
-for name in ("torch", "transformers", "safetensors"):
+for name in ("torch", "transformers", "safetensors", "numba"):
     sys.modules[name] = None
 import agent_client
 from agent_client.cli import main
@@ -47,7 +47,7 @@ def probe(*argv: str) -> tuple[dict, str]:
 
 
 def test_import_and_help_load_no_model_layer():
-    for argv in ((), ("--help",), ("ground", "--help"), ("live", "--help")):
+    for argv in ((), ("--help",), ("ground", "--help"), ("live", "--help"), ("health", "--help")):
         report, out = probe(*argv)
         assert report == {"code": 0, "loaded": []}, argv
         assert argv == () or out.startswith("usage: pixelprune-agent")
@@ -71,4 +71,4 @@ def test_the_client_install_names_no_model_library():
     requirements = project["dependencies"] + project["optional-dependencies"]["client"]
     names = {r.split(";")[0].split("[")[0].split("<")[0].split(">")[0].split("=")[0].strip().lower()
              for r in requirements}
-    assert names == {"numpy", "pillow", "tqdm", "numba", "grpcio", "protobuf", "mss"}
+    assert names == {"numpy", "pillow", "tqdm", "grpcio", "grpcio-health-checking", "protobuf", "mss"}

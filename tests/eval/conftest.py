@@ -4,6 +4,9 @@ serving the rigged checkpoint."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 
 pytest.register_assert_rewrite("eval_testlib")  # its assert_* helpers report like test code
@@ -58,4 +61,27 @@ def rigged_server(rigged_checkpoint, eval_token_file):
                                 "--port", "0", "--metrics-port", "-1", "--auth-token-file", str(eval_token_file)], {})
     handle = create_server(config)
     yield handle
+    handle.stop(0)
+
+
+@pytest.fixture(scope="session")
+def rigged_tls_server(rigged_server, eval_token_file, tmp_path_factory):
+    """The rigged checkpoint (the engine of rigged_server) behind TLS with a self-signed certificate for
+    127.0.0.1 (openssl), requiring TOKEN. Yields (handle, certificate path)."""
+    from service.config import from_args_and_env
+    from service.server import create_server
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("openssl is not installed (Debian package openssl; .ci/run installs it)")
+    folder = tmp_path_factory.mktemp("eval-tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    config = from_args_and_env(["--model", "rigged", "--device", "cpu", "--host", "127.0.0.1", "--port", "0",
+                                "--metrics-port", "-1", "--health-port", "-1", "--auth-token-file",
+                                str(eval_token_file), "--tls-cert", str(cert), "--tls-key", str(key)], {})
+    handle = create_server(config, engine=rigged_server.grounder.engine)
+    yield handle, cert
     handle.stop(0)

@@ -73,7 +73,7 @@ def test_bad_samples_are_named_in_one_line_and_the_run_goes_on(screenspot_dir, r
     md = tmp_path / "eval.md"
     rc = run_eval(data, rigged_checkpoint, "--settings", "full,pred2d:max:0", "--markdown", str(md))
     err = capsys.readouterr().err
-    assert rc == 2  # some input was bad; the others were evaluated
+    assert rc == 1  # some input was bad; the others were evaluated
     errors = [line.split("\r")[-1].strip() for line in err.splitlines() if "error:" in line]
     assert errors == [
         f"pixelprune eval: error: file {data / 'notes.json'}: unknown annotation format: expected a JSON list of "
@@ -93,9 +93,12 @@ def test_bad_samples_are_named_in_one_line_and_the_run_goes_on(screenspot_dir, r
 def test_nothing_to_evaluate_is_a_one_line_error(tmp_path, rigged_checkpoint, capsys):
     (tmp_path / "x.json").write_text(json.dumps([{"img": "a.png", "box": [1, 2, 3, 4]}]))
     assert run_eval(tmp_path / "x.json", rigged_checkpoint) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[0].startswith(f"pixelprune eval: error: file {tmp_path / 'x.json'}: unknown annotation format")
-    assert err[1] == f"pixelprune eval: error: no samples to evaluate in {tmp_path / 'x.json'}"
+    assert capsys.readouterr().err == (
+        f"pixelprune eval: error: file {tmp_path / 'x.json'}: unknown annotation format: expected a JSON list of "
+        "ScreenSpot or ScreenSpot-Pro entries (or give --format screenspot/screenspot-pro)\n")  # one message
+    (tmp_path / "y.json").write_text(json.dumps({"author": "someone"}))
+    assert run_eval(tmp_path, rigged_checkpoint) == 2  # several bad files: each named, then the verdict
+    assert capsys.readouterr().err.splitlines()[-1] == f"pixelprune eval: error: no samples to evaluate in {tmp_path}"
 
 
 def test_limit_categories_and_seed_pick_the_samples(screenspot_dir, rigged_checkpoint, tmp_path, capsys):
@@ -132,6 +135,7 @@ def test_answers_without_a_point_are_misses_and_listed(screenspot_dir, no_point_
     (["--settings", " , "], "--settings is empty"),
     (["--settings", "zigzag"], "unknown pruning method 'zigzag'"),
     (["--token-file", "t"], "--token-file goes with --target, not --model"),
+    (["--tls", "--tls-ca", "ca.pem"], "--tls, --tls-ca go with --target, not --model"),
     (["--categories", "tablet"], "no samples in categories tablet"),
     (["--dtype", "int8"], "cannot load model"),
 ])
@@ -139,3 +143,15 @@ def test_bad_arguments_are_one_line_errors(screenspot_dir, rigged_checkpoint, ca
     assert run_eval(screenspot_dir, rigged_checkpoint, *args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pixelprune eval: error: ") and message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("model, message", [
+    ("/nonexistent/checkpoint", "no such checkpoint directory: /nonexistent/checkpoint"),
+    ("./tiny-qwen3", "no such checkpoint directory: ./tiny-qwen3"),
+    ("a/b/c", "no such checkpoint directory: a/b/c"),
+])
+def test_a_wrong_model_path_is_named_before_anything_loads(screenspot_dir, tmp_path, monkeypatch, capsys, model,
+                                                           message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", str(screenspot_dir), "--model", model]) == 2
+    assert capsys.readouterr().err == f"pixelprune eval: error: {message}\n"

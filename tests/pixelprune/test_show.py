@@ -1,5 +1,5 @@
 """`pixelprune show` / render_keep: pruned blocks dimmed, kept blocks untouched,
-grid on block boundaries, a label box, and the CLI."""
+grid on block boundaries, a label strip below the image (covering none of it), and the CLI."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 
 from pixelprune.cli import main
-from pixelprune.show import DIM_COLOR, DIM_STRENGTH, GRID_COLOR, GRID_STRENGTH, render_keep
+from pixelprune.geometry import resize_to
+from pixelprune.selectors import select_blocks
+from pixelprune.show import DIM_COLOR, DIM_STRENGTH, GRID_COLOR, GRID_STRENGTH, LABEL_FILL, render_keep
 
 
 def interior(a: np.ndarray, r: int, c: int, line: int = 1) -> np.ndarray:
@@ -60,21 +62,24 @@ def test_grid_on_block_boundaries(pixels):
     assert not changed[np.arange(96) % 32 != 0][:, np.arange(128) % 32 != 0].any()  # only lines move
 
 
-def test_label_box_top_left_and_legible_size():
+def test_label_below_the_image_covers_none_of_it_and_is_legible():
     big = np.full((2176, 3840, 3), 255, np.uint8)
     keep = np.zeros((68, 120), dtype=bool)
     keep[0, 0] = keep[-1, -1] = True
     out = np.asarray(render_keep(big, keep, "pred2d, tau 0 (lossless), smart_resize"))
-    assert out.shape == big.shape
-    dark = (out[:400, :2000].max(axis=2) < 40)  # the box is near-black, the white page dimmed to ~89
-    rows = np.flatnonzero(dark.any(axis=1))
-    assert rows.min() < 60 and rows.max() - rows.min() > 150  # three lines of ~60 px text on 4K
-    assert np.array_equal(interior(out, 67, 119, 2), interior(big, 67, 119, 2))  # far corner untouched (2 px grid)
+    unlabelled = np.asarray(render_keep(big, keep, show_ratio=False))
+    assert out.shape[1:] == big.shape[1:] and out.shape[0] > big.shape[0]
+    assert np.array_equal(out[:2176], unlabelled)  # every pixel of the image as without a label (menus included)
+    strip = out[2176:]
+    text = np.flatnonzero((strip.max(axis=2) > 100).any(axis=1))  # rows holding light text on the dark strip
+    assert text.max() - text.min() > 150  # three lines of ~60 px text on 4K
+    assert strip.shape[0] < 400 and (strip[:, -200:] == LABEL_FILL).all()  # dark, and no wider than the text
 
 
 def test_label_shrinks_on_tiny_image(pixels):
     out = render_keep(pixels, KEEP, "a long caption that would not fit into a 128 px wide picture at all")
-    assert out.size == (128, 96)
+    assert out.size[0] == 128 and 96 < out.size[1] < 200
+    assert np.array_equal(np.asarray(out)[:96], np.asarray(render_keep(pixels, KEEP, show_ratio=False)))
 
 
 def test_bad_keep(pixels):
@@ -94,15 +99,18 @@ def test_cli_writes_picture(tmp_path, capsys):
     out = tmp_path / "kept.png"
     assert main(["show", str(src), "-o", str(out)]) == 0
     picture = Image.open(out)
-    assert picture.size == (1280, 704)  # smart_resize(720, 1280)
-    assert "kept" in capsys.readouterr().out
+    width, height = picture.size
+    assert width == 1280 and height > 704  # smart_resize(720, 1280), then the label below
+    keep = select_blocks(resize_to(page, 704, 1280))
+    assert capsys.readouterr().out == (f"{out}: 1280x{height} (the 1280x704 image the selector saw, the label below "
+                                       f"it), kept {keep.sum()}/880 blocks ({100 * keep.mean():.1f} %)\n")
     assert main(["show", str(src), "-o", str(tmp_path / "crop.png"), "--no-resize", "--tau", "0.1"]) == 0
-    assert Image.open(tmp_path / "crop.png").size == (1280, 704)  # 720 -> cropped to 22 blocks
+    assert Image.open(tmp_path / "crop.png").size == (1280, height)  # 720 -> cropped to 22 blocks
 
 
 def test_cli_errors(tmp_path, capsys):
     assert main(["show", str(tmp_path / "none.png"), "-o", str(tmp_path / "o.png")]) == 2
-    assert "none.png: no such file or directory" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"pixelprune show: error: {tmp_path / 'none.png'}: no such file or directory\n"
     src = tmp_path / "s.png"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(src)
     assert main(["show", str(src), "-o", str(tmp_path / "o.unknownext")]) == 2
