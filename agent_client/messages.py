@@ -70,8 +70,9 @@ class Timings:
     prefill_ms: float  # LLM prefill
     ttft_ms: float  # arrival to first generated token
     decode_tokens_ms: float  # the remaining generated tokens
-    queue_ms: float  # waiting for the model worker
+    queue_ms: float  # waiting for a place in the engine's line and for the engine to admit the request
     total_ms: float  # arrival to answer
+    upload_ms: float = 0.0  # host -> device copy of the screenshot (GPU preprocessing; 0 on a CPU server)
 
 
 def keep_from_pb(r: pb.GroundResponse) -> np.ndarray | None:
@@ -111,6 +112,7 @@ class GroundResult:
     random_weights: bool  # the served model has random weights: the point means nothing
     prefix_cache_hit: bool = False  # the screen's prompt-prefix KV cache was reused: only the instruction was prefilled
     kv_cache_bytes: int = 0  # key/value bytes of the prompt's cache after prefill (0: the model did not run)
+    answer_logprob: float = 0.0  # sum of the answer tokens' natural-log probabilities: the model's confidence
     # bool (model_height/32, model_width/32), row-major over the blocks of the resized image,
     # True = the model saw that block; None when the server sent none (a session cache hit on an
     # answer stored by an older server). Not part of ==.
@@ -132,10 +134,10 @@ class GroundResult:
             vision_cache_hit=r.vision_cache_hit, session_id=r.session_id,
             skipped_frames=r.skipped_frames, sequence=r.sequence,
             timings=Timings(t.decode_ms, t.resize_ms, t.select_ms, t.patchify_ms, t.vit_ms,
-                            t.prefill_ms, t.ttft_ms, t.decode_tokens_ms, t.queue_ms, t.total_ms),
+                            t.prefill_ms, t.ttft_ms, t.decode_tokens_ms, t.queue_ms, t.total_ms, t.upload_ms),
             image_size=(r.image_width, r.image_height), model_size=(r.model_width, r.model_height),
             random_weights=r.random_weights, prefix_cache_hit=r.prefix_cache_hit,
-            kv_cache_bytes=r.kv_cache_bytes, keep=keep_from_pb(r))
+            kv_cache_bytes=r.kv_cache_bytes, answer_logprob=r.answer_logprob, keep=keep_from_pb(r))
 
     def to_json_dict(self) -> dict:
         """A JSON-ready dict (points as {"x", "y"} objects or null; the keep mask as the proto's
@@ -157,5 +159,5 @@ class GroundResult:
             "image_size": {"width": self.image_size[0], "height": self.image_size[1]},
             "model_size": {"width": self.model_size[0], "height": self.model_size[1]},
             "random_weights": self.random_weights, "prefix_cache_hit": self.prefix_cache_hit,
-            "kv_cache_bytes": self.kv_cache_bytes, "keep_mask": keep_mask,
+            "kv_cache_bytes": self.kv_cache_bytes, "answer_logprob": self.answer_logprob, "keep_mask": keep_mask,
         }

@@ -245,12 +245,13 @@ HELP_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("model", "device", "dtype", "max_new_tokens", "stop_after_point",
          "prune_method", "prune_metric", "prune_tau", "no_prune")),
     "batching and caches": (
-        "how the model worker batches requests and what it keeps for the next one",
-        ("max_batch_size", "max_batch_tokens", "no_cuda_graphs", "prefix_cache_bytes", "vision_cache_size")),
+        "how the engine batches requests, how large its KV pool is, and what it keeps for the next request",
+        ("max_batch_size", "max_batch_tokens", "kv_cache_memory_fraction", "max_prefill_tokens", "no_cuda_graphs",
+         "prefix_cache_bytes", "vision_cache_size")),
     "limits and admission": (
         "what a request may be and how many may wait or run at once",
         ("max_image_pixels", "max_message_bytes", "max_instruction_chars", "max_instruction_tokens",
-         "max_inflight_pixels", "queue_size", "max_concurrent_rpcs", "stream_idle_timeout_s")),
+         "max_inflight_pixels", "queue_size", "admission_wait_s", "max_concurrent_rpcs", "stream_idle_timeout_s")),
     "sessions": (
         "where sessions (the previous frame's block hashes, the last answer) live",
         ("redis_url", "redis_prefix", "session_ttl_s")),
@@ -259,7 +260,7 @@ HELP_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("host", "port", "tls_cert", "tls_key", "auth_token_file")),
     "health and drain": (
         "grpc.health.v1 and what SIGTERM does (check with `pixelprune-agent health --target HOST:PORT`)",
-        ("health_port", "drain_delay_s", "drain_grace_s")),
+        ("health_port", "stall_timeout_s", "drain_delay_s", "drain_grace_s")),
     "metrics and logs": (
         "Prometheus /metrics and the log",
         ("metrics_port", "log_level")),

@@ -32,6 +32,7 @@ class Answer:
     ttft_ms: float  # time to first token, ms (service: arrival to first token)
     kv_bytes: int | None  # key+value bytes of the prompt's KV cache; None = not reported
     random_weights: bool  # the model has random weights: the answer means nothing
+    answer_logprob: float | None = None  # sum of the answer tokens' natural-log probabilities; None = not reported
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Prediction:
     kv_bytes: int | None  # prompt KV-cache bytes; None = not reported
     answer: str  # the model's text
     random_weights: bool  # from a random-weight checkpoint: meaningless
+    answer_logprob: float | None = None  # the model's confidence: sum of the answer tokens' log-probabilities
 
     @property
     def key(self) -> tuple[str, str]:
@@ -68,7 +70,8 @@ class Prediction:
                        retain=float(data["retain"]), kept_blocks=int(data["kept_blocks"]),
                        total_blocks=int(data["total_blocks"]), ttft_ms=float(data["ttft_ms"]),
                        kv_bytes=None if data["kv_bytes"] is None else int(data["kv_bytes"]),
-                       answer=str(data["answer"]), random_weights=bool(data["random_weights"]))
+                       answer=str(data["answer"]), random_weights=bool(data["random_weights"]),
+                       answer_logprob=None if data.get("answer_logprob") is None else float(data["answer_logprob"]))
         except (TypeError, KeyError, IndexError, ValueError) as exc:
             raise ValueError(f"not a prediction ({exc!r})") from None
 
@@ -86,7 +89,8 @@ def score(sample: Sample, setting: str, answer: Answer) -> Prediction:
         sample_id=sample.sample_id, setting=setting, category=sample.category, point=answer.point,
         hit=is_hit(answer.point, sample.box), retain=answer.kept_blocks / max(answer.total_blocks, 1),
         kept_blocks=answer.kept_blocks, total_blocks=answer.total_blocks, ttft_ms=answer.ttft_ms,
-        kv_bytes=answer.kv_bytes, answer=answer.raw_answer, random_weights=answer.random_weights)
+        kv_bytes=answer.kv_bytes, answer=answer.raw_answer, random_weights=answer.random_weights,
+        answer_logprob=answer.answer_logprob)
 
 
 class PredictionLog:

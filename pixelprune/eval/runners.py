@@ -92,7 +92,8 @@ class EngineRunner:
             raise SampleFailed(str(exc)) from None
         return Answer(point=out.point, raw_answer=out.raw_text, kept_blocks=out.kept_blocks,
                       total_blocks=out.total_blocks, ttft_ms=1000.0 * out.timings["ttft"],
-                      kv_bytes=out.kv_cache_bytes or None, random_weights=self.engine.is_random_weights)
+                      kv_bytes=out.kv_cache_bytes or None, random_weights=self.engine.is_random_weights,
+                      answer_logprob=out.answer_logprob)
 
     def close(self) -> None:
         self._image = None
@@ -158,7 +159,8 @@ class ServiceRunner:
         # kv_cache_bytes 0 = the model did not run (a session cache hit; eval sends no session): shown as n/a
         return Answer(point=(r.point.x, r.point.y) if r.found else None, raw_answer=r.raw_answer,
                       kept_blocks=r.kept_blocks, total_blocks=r.total_blocks, ttft_ms=r.timings.ttft_ms,
-                      kv_bytes=r.kv_cache_bytes or None, random_weights=r.random_weights)
+                      kv_bytes=r.kv_cache_bytes or None, random_weights=r.random_weights,
+                      answer_logprob=r.answer_logprob)
 
     def _failure(self, exc) -> Exception:
         """RunnerFailed when no request can succeed (unreachable, token refused), else SampleFailed."""

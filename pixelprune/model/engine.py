@@ -36,6 +36,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from pixelprune.model.adapter import PrunedQwen3VL, VisionFeatures
+from pixelprune.model.checkpoint import check_model
 from pixelprune.model.pipeline import (PreparedImage, chat_token_ids, image_token_id, prepare_image, user_message,
                                        vision_spec)
 from pixelprune.model.positions import same_masks
@@ -213,7 +214,9 @@ class GroundingEngine:
 
     @classmethod
     def load(cls, spec: ModelSpec, batch: BatchSettings = BatchSettings()) -> "GroundingEngine":
-        """Load model and processor with from_pretrained (hub id or local directory)."""
+        """Load model and processor with from_pretrained (hub id or local directory); a path that is not a
+        checkpoint or a hub id that cannot be fetched is one ValueError/OSError line, before any loading."""
+        check_model(spec.model)
         device = resolve_device(spec.device)
         dtype = resolve_dtype(spec.dtype, device)
         attn = attention_config(resolve_attn_implementation(spec.attn_implementation, device))

@@ -97,9 +97,12 @@ def test_session_reuse_and_change(grounding_server, screenshot):
     assert first.kv_cache_bytes > 0 and third.kv_cache_bytes > 0 and again.kv_cache_bytes == 0
     assert not first.prefix_cache_hit and not third.prefix_cache_hit
     assert fourth.vision_cache_hit and fourth.prefix_cache_hit and fourth.kv_cache_bytes > 0
-    # the rows are built on the model worker only when the ViT runs: not for the vision hit
+    # the rows are built on the engine loop only when the ViT runs: not for the vision hit
     assert first.timings.patchify_ms > 0 and third.timings.patchify_ms > 0 and fourth.timings.patchify_ms == 0
     assert fourth.to_json_dict()["prefix_cache_hit"] is True
+    # the answer's confidence: a sum of log-probabilities (< 0), repeated by the session's cached answer
+    assert first.answer_logprob < 0 and again.answer_logprob == first.answer_logprob
+    assert fourth.to_json_dict()["answer_logprob"] == fourth.answer_logprob < 0
 
 
 def test_retries_unavailable_until_the_server_is_up(tiny_checkpoint, tiny_engine, token_file, screenshot, caplog):

@@ -24,7 +24,7 @@ def fresh_server(tiny_checkpoint, tiny_engine):
     """A server of its own (draining it is for good), not warmed up yet, with a health-only port."""
     from service.server import create_server
 
-    handle = create_server(server_config(tiny_checkpoint, None), engine=tiny_engine, warmup=False)
+    handle = create_server(server_config(tiny_checkpoint, None), engine=tiny_engine(), warmup=False)
     yield handle
     handle.stop(0)
 

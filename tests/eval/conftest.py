@@ -66,7 +66,7 @@ def rigged_server(rigged_checkpoint, eval_token_file):
 
 @pytest.fixture(scope="session")
 def rigged_tls_server(rigged_server, eval_token_file, tmp_path_factory):
-    """The rigged checkpoint (the engine of rigged_server) behind TLS with a self-signed certificate for
+    """The rigged checkpoint (the model of rigged_server) behind TLS with a self-signed certificate for
     127.0.0.1 (openssl), requiring TOKEN. Yields (handle, certificate path)."""
     from service.config import from_args_and_env
     from service.server import create_server
@@ -82,6 +82,12 @@ def rigged_tls_server(rigged_server, eval_token_file, tmp_path_factory):
     config = from_args_and_env(["--model", "rigged", "--device", "cpu", "--host", "127.0.0.1", "--port", "0",
                                 "--metrics-port", "-1", "--health-port", "-1", "--auth-token-file",
                                 str(eval_token_file), "--tls-cert", str(cert), "--tls-key", str(key)], {})
-    handle = create_server(config, engine=rigged_server.grounder.engine)
+    from pixelprune.model.engine import GroundingEngine
+    from service.server import batch_settings
+
+    loaded = rigged_server.grounder.engine  # its model and processor, in an engine of this server's own
+    engine = GroundingEngine(loaded.model, loaded.processor, max_new_tokens=loaded.max_new_tokens,
+                             is_random_weights=loaded.is_random_weights, batch=batch_settings(config))
+    handle = create_server(config, engine=engine)
     yield handle, cert
     handle.stop(0)

@@ -191,6 +191,7 @@ def assert_predictions(jsonl, annotations, images=None):
         assert r["answer"] == ANSWER and r["random_weights"] is True
         assert r["ttft_ms"] > 0 and r["category"] == sample.category
         assert r["kv_bytes"] > 0  # in process from the engine, through a server from GroundResponse
+        assert r["answer_logprob"] <= 0  # likewise: the answer tokens' summed log-probabilities (rigged: ~0)
     full = [r for r in lines if r["setting"] == "full"]
     assert all(r["retain"] == 1.0 for r in full)
     assert all(r["retain"] < 1.0 for r in lines if r["setting"] != "full")  # the screenshots have flat areas

@@ -88,7 +88,7 @@ def test_prediction_log_appends_flushes_and_resumes(tmp_path):
     assert json.loads(path.read_text()) == {  # flushed at once, field names as documented
         "sample_id": "a", "setting": "full", "category": "web/icon", "point": [1.0, 2.0], "hit": True,
         "retain": 0.25, "kept_blocks": 10, "total_blocks": 40, "ttft_ms": 10.0, "kv_bytes": 1000,
-        "answer": "(1, 2)", "random_weights": False}
+        "answer": "(1, 2)", "random_weights": False, "answer_logprob": None}
     log.add(pred("b", "full", "web/icon", False, point=None, kv=None))
     log.close()
     again = PredictionLog(path)
