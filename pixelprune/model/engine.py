@@ -36,6 +36,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from pixelprune.model.adapter import PrunedQwen3VL, VisionFeatures
+from pixelprune.model.attention import SLOT_ATTENTION
 from pixelprune.model.checkpoint import check_model
 from pixelprune.model.pipeline import (PreparedImage, chat_token_ids, image_token_id, prepare_image, user_message,
                                        vision_spec)
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 
 RANDOM_WEIGHTS_MARKER = "RANDOM WEIGHTS"  # README.md heading written by `pixelprune tiny-checkpoint`
 PROMPT_CACHE_SIZE = 256  # prompt texts whose chat token ids the engine keeps (a few KB each)
-TEXT_ATTENTION = ("sdpa", "eager")  # the text model's attention must take our 4-D masks
+TEXT_ATTENTION = ("sdpa", "eager", SLOT_ATTENTION)  # text attentions the engine drives (sdpa becomes SLOT_ATTENTION)
 WARMUP_KV_TOKENS = 16384  # KV pool positions while the model warms up on CUDA (then sized from free memory)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -185,7 +186,7 @@ class GroundingEngine:
         self.batch_settings = batch
         self.pool_sized = batch.max_batch_tokens is not None or self.device.type != "cuda"
         capacity = batch.max_batch_tokens or (WARMUP_KV_TOKENS if self.device.type == "cuda" else CPU_KV_TOKENS)
-        self.runner = ModelRunner(model, processor, self.encode_many, capacity, cuda_graphs=batch.cuda_graphs)
+        self.runner = ModelRunner(model, processor, self.encode_features, capacity, cuda_graphs=batch.cuda_graphs)
         stop = self._holds_point if batch.stop_after_point else None
         self.scheduler = Scheduler(self._limits(capacity), self.eos_token_ids, stop=stop)
         self._driver = None  # the engine loop stepping this engine (one at a time)
@@ -354,20 +355,24 @@ class GroundingEngine:
             answer_logprob=seq.logprob)
 
     # ------------------------------------------------------------------ one request, inline
-    def encode_many(self, prepared: list[PreparedImage]) -> tuple[list[VisionFeatures], float]:
-        """(vision features per image, ViT seconds): one ViT call on the kept patches of all images,
-        each attending within itself, with full-grid positions."""
-        grids = torch.tensor([p.image_grid_thw for p in prepared], dtype=torch.int64, device=self.device)
+    def encode_features(self, prepared: list[PreparedImage]) -> list[VisionFeatures]:
+        """Vision features per image from one ViT call on the kept patches of all images, each attending
+        within itself, with full-grid positions. Queues the work on the device and returns (no waiting)."""
+        grids = torch.tensor([p.image_grid_thw for p in prepared], dtype=torch.int64)
         rows = torch.cat([p.pixel_values for p in prepared]) if len(prepared) > 1 else prepared[0].pixel_values
-        self.sync()
-        start = time.perf_counter()
         with torch.inference_mode():
             joint = self.adapter.encode_images(rows, grids, [p.keep for p in prepared])
-        self.sync()
-        seconds = time.perf_counter() - start
         return [VisionFeatures(embeds=(joint.embeds[i],), deepstack=tuple((level[i],) for level in joint.deepstack),
                                kept_blocks=(joint.kept_blocks[i],), keep=(joint.keep[i],),
-                               image_grid_thw=(joint.image_grid_thw[i],)) for i in range(len(prepared))], seconds
+                               image_grid_thw=(joint.image_grid_thw[i],)) for i in range(len(prepared))]
+
+    def encode_many(self, prepared: list[PreparedImage]) -> tuple[list[VisionFeatures], float]:
+        """(vision features per image, ViT seconds, the device waited for): `encode_features`, timed."""
+        self.sync()
+        start = time.perf_counter()
+        features = self.encode_features(prepared)
+        self.sync()
+        return features, time.perf_counter() - start
 
     def encode_timed(self, prepared: PreparedImage) -> tuple[VisionFeatures, float]:
         """(vision features of the kept blocks, ViT seconds)."""
@@ -418,7 +423,7 @@ class GroundingEngine:
         self.runner = None  # the warm-up pool is freed before the sized one is allocated
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.runner = ModelRunner(self.model, self.processor, self.encode_many, tokens,
+        self.runner = ModelRunner(self.model, self.processor, self.encode_features, tokens,
                                   cuda_graphs=self.batch_settings.cuda_graphs)
         self.scheduler = Scheduler(self._limits(tokens), self.eos_token_ids, stop=self.scheduler.stop)
         self.pool_sized = True

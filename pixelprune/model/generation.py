@@ -1,13 +1,19 @@
 """The forward passes of batched greedy generation on a `SlotKVCache`.
 
-One "extend" forward serves prefill and decode: each row of the batch brings a chunk of
-tokens (a whole prompt, the rest of a prompt after a cached prefix, or one generated
-token) that continues the sequence already in its cache slot. Rows are right-padded to
-the longest chunk; the 4-D boolean mask (rows, 1, q, kv) lets query token t of row i see
-exactly the cache positions 0..write[i, t] of its own slot, so padding and stale slot
-contents are never read (a single row from position 0 needs no mask: plain causal). Pad tokens write at positions past the row's valid end (clamped
-to the slot's last position, which no sequence ever uses: every sequence needs at least one
-position fewer than its slot holds), where later writes overwrite them.
+The "extend" forward runs prefills: each row of the batch brings a chunk of tokens (a
+whole prompt, or the rest of a prompt after a cached prefix) that continues the sequence
+already in its cache slot. Rows are right-padded to the longest chunk. Query token t of
+row i must see exactly the cache positions 0..start[i] + t of its own slot, so padding and
+stale slot contents are never read: with the engine's `slot_attention`
+(`pixelprune.model.attention`) each row attends over its own positions only; otherwise a
+4-D boolean mask (rows, 1, q, kv) says the same to SDPA (`dense_mask=True` forces it, the
+reference the tests compare with). Pad tokens write at positions past the row's valid end
+(clamped to the slot's last position, which no sequence ever uses: every sequence needs at
+least one position fewer than its slot holds), where later writes overwrite them.
+
+The decode step feeds one token per row and attends, through a mask, over the first
+`kv_len` positions of the slots: a bucket (`decode_kv_len`) of the longest row's live
+length, not the whole slot.
 
 The text model runs with the stock transformers 5.24 modules: `Qwen3VLTextModel.forward`
 gets `inputs_embeds` (visual features scattered at the image tokens, as
@@ -15,7 +21,7 @@ gets `inputs_embeds` (visual features scattered at the image tokens, as
 the 4-D mask (returned as-is by `create_causal_mask`), this cache, and DeepStack's
 `visual_pos_masks` / `deepstack_visual_embeds`. Only the rows' last tokens go through
 `lm_head`. The decode step (one token per row) is a function of one (3, rows) int64 tensor
-so that `DecodeGraphs` can capture it in a CUDA graph per (rows, slot length).
+so that `DecodeGraphs` can capture it in a CUDA graph per (rows, slot length, kv length).
 """
 
 from __future__ import annotations
@@ -27,11 +33,22 @@ from typing import Callable
 import torch
 
 from pixelprune.model.adapter import VisionFeatures
+from pixelprune.model.attention import SLOT_ATTENTION, SlotRows
 from pixelprune.model.kvcache import SlotKVCache
 from pixelprune.model.positions import prune_token_inputs
 
 log = logging.getLogger(__name__)
-MAX_GRAPHS = 96  # CUDA graphs kept (rows buckets x slot lengths); beyond this, eager steps
+MAX_GRAPHS = 256  # CUDA graphs kept (rows buckets x slot lengths x kv lengths); beyond this, eager steps
+DECODE_KV_MIN = 256  # the shortest span the decode step attends over (then powers of two up to the slot)
+
+
+def decode_kv_len(live: int, slot_len: int) -> int:
+    """The positions a decode step attends over when the longest row holds `live`: the power of two from
+    DECODE_KV_MIN up holding them (the slot's length at most)."""
+    span = DECODE_KV_MIN
+    while span < live:
+        span *= 2
+    return min(span, slot_len)
 
 
 @dataclass(frozen=True)
@@ -104,9 +121,10 @@ def _embed(model, chunks: list[Chunk], width: int):
     return embeds, visual, deepstack
 
 
-def extend(model, cache: SlotKVCache, first_row: int, chunks: list[Chunk]) -> torch.Tensor:
+def extend(model, cache: SlotKVCache, first_row: int, chunks: list[Chunk], dense_mask: bool = False) -> torch.Tensor:
     """Run `chunks` on cache rows first_row.. (one chunk per row); return the logits (rows, vocab) of each
-    row's last token. The keys and values of every chunk token land in the row's slot."""
+    row's last token. The keys and values of every chunk token land in the row's slot. Attention per row
+    when the text model uses SLOT_ATTENTION (unless dense_mask), else through a 4-D mask."""
     device = cache.device
     width = max(c.length for c in chunks)
     last = cache.slot_len - 1
@@ -120,13 +138,18 @@ def extend(model, cache: SlotKVCache, first_row: int, chunks: list[Chunk]) -> to
     if kv_len > last:
         raise ValueError(f"a chunk ends at {kv_len}, beyond the slot's usable {last} positions")
     embeds, visual, deepstack = _embed(model, chunks, width)
-    mask = torch.arange(kv_len, device=device)[None, None, None, :] <= write[:, None, :, None]
-    if len(chunks) == 1 and chunks[0].start == 0:
+    rows = {}
+    if not dense_mask and model.config.text_config._attn_implementation == SLOT_ATTENTION:
+        rows["slot_rows"] = SlotRows(tuple(c.start for c in chunks), tuple(c.length for c in chunks))
+        mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)  # 4-D: transformers builds none
+    elif len(chunks) == 1 and chunks[0].start == 0:
         mask = None  # one whole prompt: plain causal attention (sdpa's is_causal kernels), same result
+    else:
+        mask = torch.arange(kv_len, device=device)[None, None, None, :] <= write[:, None, :, None]
     cache.begin(slice(first_row, first_row + len(chunks)), write, kv_len)
     hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                         cache=cache, use_cache=True, visual_pos_masks=visual,
-                                        deepstack_visual_embeds=deepstack).last_hidden_state
+                                        deepstack_visual_embeds=deepstack, **rows).last_hidden_state
     ends = torch.tensor([c.length - 1 for c in chunks], device=device)
     return model.lm_head(hidden[torch.arange(len(chunks), device=device), ends]).float()
 
@@ -139,24 +162,27 @@ def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, logprobs
 
 
-def decode_step(model, cache: SlotKVCache, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_step(model, cache: SlotKVCache, inputs: torch.Tensor, kv_len: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """One greedy token for rows 0..n-1: inputs (3, n) int64 = [token fed; its slot position; its MRoPE
-    position] (text row = slot position). Returns the next token ids (n,) and their log-probabilities (n,)
-    float32. Graph-capturable: no host sync."""
+    position] (text row = slot position), attending over slot positions < kv_len (None: the whole slot;
+    every row's position must be below it). Returns the next token ids (n,) and their log-probabilities
+    (n,) float32. Graph-capturable: no host sync."""
     tokens, write, mrope = inputs[0], inputs[1], inputs[2]
-    slot_len = cache.slot_len
+    kv_len = cache.slot_len if kv_len is None else kv_len
     text = model.model.language_model
     embeds = text.embed_tokens(tokens[:, None])
     positions = torch.stack((write, mrope, mrope, mrope))[:, :, None]
-    mask = torch.arange(slot_len, device=inputs.device)[None, None, None, :] <= write[:, None, None, None]
-    cache.begin(slice(0, inputs.shape[1]), write[:, None], slot_len)
+    mask = torch.arange(kv_len, device=inputs.device)[None, None, None, :] <= write[:, None, None, None]
+    cache.begin(slice(0, inputs.shape[1]), write[:, None], kv_len)
     hidden = text(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
                   use_cache=True).last_hidden_state
     return greedy(model.lm_head(hidden[:, -1]))
 
 
 class DecodeGraphs:
-    """`step(inputs)` replayed from CUDA graphs, one per (rows, slot length), captured on first use.
+    """`step(inputs, kv_len)` replayed from CUDA graphs, one per (rows, slot length, kv length), captured on
+    first use.
 
     Capture follows torch's recipe (warm-up on a side stream, `torch.cuda.graph` into one shared
     memory pool, replay after copying into the static input). During warm-up and capture the
@@ -165,11 +191,11 @@ class DecodeGraphs:
     runs eagerly from then on, as do shapes beyond MAX_GRAPHS (one warning line the first time);
     `eager_steps` counts the steps that ran eagerly."""
 
-    def __init__(self, step: Callable[[torch.Tensor], tuple], slot_len: Callable[[], int]):
+    def __init__(self, step: Callable[[torch.Tensor, int], tuple], slot_len: Callable[[], int]):
         self.step = step
         self._slot_len = slot_len
-        self._graphs: dict[tuple[int, int], tuple[torch.Tensor, torch.cuda.CUDAGraph, tuple]] = {}
-        self._failed: set[tuple[int, int]] = set()
+        self._graphs: dict[tuple[int, int, int], tuple[torch.Tensor, torch.cuda.CUDAGraph, tuple]] = {}
+        self._failed: set[tuple[int, int, int]] = set()
         self._pool = None
         self.eager_steps = 0  # steps run eagerly: capture failed, or more shapes than MAX_GRAPHS
         self._warned_full = False
@@ -177,8 +203,8 @@ class DecodeGraphs:
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def __call__(self, inputs: torch.Tensor) -> tuple:
-        key = (int(inputs.shape[1]), self._slot_len())
+    def __call__(self, inputs: torch.Tensor, kv_len: int) -> tuple:
+        key = (int(inputs.shape[1]), self._slot_len(), int(kv_len))
         entry = self._graphs.get(key)
         if entry is None and key not in self._failed:
             if len(self._graphs) < MAX_GRAPHS:
@@ -188,15 +214,15 @@ class DecodeGraphs:
                 log.warning("%d CUDA graphs held (MAX_GRAPHS): decode steps of new shapes run eagerly", MAX_GRAPHS)
         if entry is None:
             self.eager_steps += 1
-            return self.step(inputs)
+            return self.step(inputs, kv_len)
         static_in, graph, static_out = entry
         static_in.copy_(inputs)
         graph.replay()
         return tuple(out.clone() for out in static_out)
 
-    def _capture(self, key: tuple[int, int], inputs: torch.Tensor):
+    def _capture(self, key: tuple[int, int, int], inputs: torch.Tensor):
         static_in = torch.zeros_like(inputs)
-        static_in[1] = key[1] - 1  # the slot position no sequence uses
+        static_in[1] = key[1] - 1  # the slot position no sequence uses (it may lie past kv_len: writes go there)
         try:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
@@ -204,16 +230,16 @@ class DecodeGraphs:
             side.wait_stream(torch.cuda.current_stream(inputs.device))
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self.step(static_in)
+                    self.step(static_in, key[2])
             torch.cuda.current_stream(inputs.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # thread_local: RPC threads may use the device (preprocessing) while this thread captures
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                static_out = self.step(static_in)
+                static_out = self.step(static_in, key[2])
             torch.cuda.synchronize(inputs.device)
         except Exception as exc:  # noqa: BLE001 - any capture failure: run this shape eagerly
-            log.warning("CUDA graph capture of the decode step (rows %d, slot length %d) failed, running it "
-                        "eagerly: %s", key[0], key[1], exc)
+            log.warning("CUDA graph capture of the decode step (rows %d, slot length %d, kv length %d) failed, "
+                        "running it eagerly: %s", key[0], key[1], key[2], exc)
             self._failed.add(key)
             return None
         self._graphs[key] = (static_in, graph, static_out)

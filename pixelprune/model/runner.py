@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from pixelprune.model.adapter import VisionFeatures
-from pixelprune.model.generation import Chunk, DecodeGraphs, Prompt, build_prompt, decode_step, extend, greedy, \
-    prompt_chunk
+from pixelprune.model.attention import use_slot_attention
+from pixelprune.model.generation import (Chunk, DecodeGraphs, Prompt, build_prompt, decode_kv_len, decode_step, extend,
+                                         greedy, prompt_chunk)
 from pixelprune.model.kvcache import LENGTH_BUCKETS, SlotKVCache
 from pixelprune.model.pipeline import tokenize
 from pixelprune.model.prefix import PrefixEntry
@@ -55,11 +56,33 @@ class _Item:
     work: Work
     vision: VisionFeatures | None = None
     vision_reused: bool = False
-    vit_s: float = 0.0
+    vit_marks: tuple = ()  # (start, end) StageClock marks of the ViT call it was part of
     prompt: Prompt | None = None
     entry: PrefixEntry | None = None
     error: BaseException | None = None
     result: dict = field(default_factory=dict)
+
+
+class StageClock:
+    """Points in time of the work queued on the device: CUDA events on a GPU (recorded without waiting, read
+    once the step's tokens are on the host), the host's monotonic clock on a CPU. `place` puts a mark on
+    the host's clock, given the host time at which a later mark's work was known to be done."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.monotonic()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def place(self, mark, anchor, anchor_at: float) -> float:
+        """The host time of `mark`, knowing `anchor` (a later mark) completed at host time anchor_at."""
+        if not self.cuda:
+            return mark
+        return anchor_at - mark.elapsed_time(anchor) / 1000.0
 
 
 def _released(exc: BaseException) -> BaseException:
@@ -81,16 +104,19 @@ def _runs(items: list[_Item]) -> list[list[_Item]]:
 class ModelRunner:
     """Executes plans on one model; see the module docstring. Driven by one thread."""
 
-    def __init__(self, model, processor, encode_many, capacity_tokens: int, cuda_graphs: bool = True):
-        self.model, self.processor, self.encode_many = model, processor, encode_many
+    def __init__(self, model, processor, encode, capacity_tokens: int, cuda_graphs: bool = True):
+        # encode(list of PreparedImage) -> list of VisionFeatures: one ViT call, no waiting on the device
+        self.model, self.processor, self.encode = model, processor, encode
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         cfg = model.config.text_config
         self.cache = SlotKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, capacity_tokens,
                                  self.device, self.dtype)
+        self.clock = StageClock(self.device)
         self.prefixes: dict[Hashable, PrefixEntry] = {}
         self.visions: dict[Hashable, VisionFeatures] = {}
-        self._step_fn = lambda inputs: decode_step(model, self.cache, inputs)
+        use_slot_attention(model)  # prefill attention per row, over its own positions only
+        self._step_fn = lambda inputs, kv_len: decode_step(model, self.cache, inputs, kv_len)
         on_cuda = self.device.type == "cuda" and cuda_graphs
         self.graphs = DecodeGraphs(self._step_fn, lambda: self.cache.slot_len) if on_cuda else None
 
@@ -135,18 +161,20 @@ class ModelRunner:
             if item.entry is not None:
                 self.cache.write(item.plan.row, item.entry.kv)
         if ready:
-            self.sync()
-            start = time.perf_counter()
+            start = self.clock.mark()
             outcomes = [o for run in _runs(ready) for o in self._forward(run)]
             logits = [o for o in outcomes if isinstance(o, torch.Tensor)]
             picked = greedy(torch.stack(logits)) if logits else None
+            end = self.clock.mark()
             firsts = iter(zip(picked[0].tolist(), picked[1].tolist()) if picked else [])  # waits for the device
-            seconds, done_at = time.perf_counter() - start, time.monotonic()
+            done_at = time.monotonic()
             for item, outcome in zip(ready, outcomes):
                 if isinstance(outcome, BaseException):
                     item.error = outcome
                 else:
-                    item.result.update(zip(("token", "logprob"), next(firsts)), prefill_s=seconds, at=done_at)
+                    item.result.update(zip(("token", "logprob"), next(firsts)),
+                                       start=self.clock.place(start, end, done_at), at=done_at,
+                                       vit=tuple(self.clock.place(m, end, done_at) for m in item.vit_marks))
         return tuple(self._finish(item) for item in items)
 
     def _vision(self, items: list[_Item]) -> None:
@@ -171,7 +199,9 @@ class ModelRunner:
         if not items:
             return
         try:
-            features, seconds = self.encode_many([item.work.prepared for item in items])
+            start = self.clock.mark()
+            features = self.encode([item.work.prepared for item in items])
+            end = self.clock.mark()
         except Exception as exc:  # noqa: BLE001 - retried one by one
             if len(items) == 1:
                 items[0].error = _released(exc)
@@ -180,7 +210,7 @@ class ModelRunner:
                 self._encode([item])
             return
         for item, vision in zip(items, features):
-            item.vision, item.vit_s = vision, seconds
+            item.vision, item.vit_marks = vision, (start, end)
 
     def _chunk(self, item: _Item) -> Chunk:
         """The tokens this item's prefill runs: the rest after a stored prefix, or the whole prompt."""
@@ -217,7 +247,7 @@ class ModelRunner:
         """The item's result; on success, its prefix and vision features stored as planned."""
         plan, seq = item.plan, item.plan.seq
         if item.error is not None:
-            return SeqResult(seq=seq, error=item.error, vit_s=item.vit_s, vision_reused=item.vision_reused)
+            return SeqResult(seq=seq, error=item.error, vision_reused=item.vision_reused)
         if item.entry is not None:
             delta = item.entry.next_mrope - item.entry.length
         else:
@@ -232,7 +262,8 @@ class ModelRunner:
             self.visions[plan.store_vision_key] = item.vision
             stored_v = True
         return SeqResult(seq=seq, token=item.result["token"], logprob=item.result["logprob"], rope_delta=delta,
-                         vit_s=item.vit_s, prefill_s=item.result["prefill_s"],
+                         vit_start=(item.result["vit"] or (0.0, 0.0))[0], vit_end=(item.result["vit"] or (0.0, 0.0))[1],
+                         prefill_start=item.result["start"],
                          vision_reused=item.vision_reused or item.entry is not None,
                          prefix_stored=stored_p, vision_stored=stored_v, first_token_at=item.result["at"],
                          vision=item.vision)
@@ -260,7 +291,9 @@ class ModelRunner:
         columns = [[d.token for d in decodes] + [0] * pad, [d.position for d in decodes] + [last] * pad,
                    [d.mrope for d in decodes] + [0] * pad]
         inputs = torch.tensor(columns, dtype=torch.long, device=self.device)
-        tokens, logprobs = self.graphs(inputs) if self.graphs is not None else self._step_fn(inputs)
+        kv_len = decode_kv_len(max(d.position for d in decodes) + 1, self.cache.slot_len)
+        step = self.graphs if self.graphs is not None else self._step_fn
+        tokens, logprobs = step(inputs, kv_len)
         return tokens[:n].tolist(), logprobs[:n].tolist()
 
     @torch.inference_mode()
@@ -277,5 +310,5 @@ class ModelRunner:
                     break
                 inputs = torch.zeros((3, rows), dtype=torch.long, device=self.device)
                 inputs[1] = slot - 1  # the position no sequence uses
-                self.graphs(inputs)
+                self.graphs(inputs, slot)
         return len(self.graphs)

@@ -82,10 +82,19 @@ class Sequence:
     vision_hit: bool = False  # the ViT did not run for it (given, cached, or a prefix hit)
     error: BaseException | None = None  # why it FAILED
     admitted_at: float | None = None  # monotonic time of admission (None while waiting)
-    vit_s: float = 0.0  # seconds of the ViT call it was part of
-    prefill_s: float = 0.0  # seconds of the prefill forward it was part of
-    first_token_at: float = 0.0  # monotonic time its first token was known (end of its prefill)
+    vit_start: float = 0.0  # monotonic times of its prefill step's events (0: did not happen): the ViT call
+    vit_end: float = 0.0  # it was part of began / ended (device events, placed on the host clock),
+    prefill_start: float = 0.0  # the prefill forward began,
+    first_token_at: float = 0.0  # and its first token was known (the forward ended)
     vision: Any = None  # the vision features its prefill used (the runner's; opaque here)
+
+    @property
+    def vit_s(self) -> float:
+        return self.vit_end - self.vit_start
+
+    @property
+    def prefill_s(self) -> float:
+        return self.first_token_at - self.prefill_start if self.prefill_start else 0.0
 
     @property
     def need(self) -> int:
@@ -149,12 +158,13 @@ class SeqResult:
     logprob: float = 0.0  # its natural-log probability
     error: BaseException | None = None
     rope_delta: int = 0  # prefill: MRoPE minus cache position from here on
-    vit_s: float = 0.0  # prefill: seconds of the ViT call (0 when it did not run)
-    prefill_s: float = 0.0  # prefill: seconds of the forward
+    vit_start: float = 0.0  # prefill: monotonic times of the ViT call's start and end (0: it did not run),
+    vit_end: float = 0.0
+    prefill_start: float = 0.0  # of the forward's start,
     vision_reused: bool = False  # prefill: the ViT did not run for it
     prefix_stored: bool = False  # prefill: its prefix is now stored (under the plan's key)
     vision_stored: bool = False  # prefill: its features are now stored
-    first_token_at: float = 0.0  # prefill: monotonic time the first token was known
+    first_token_at: float = 0.0  # and of the first token (the forward's end)
     vision: Any = None  # prefill: the vision features used (None after a prefix hit)
 
 
@@ -417,8 +427,8 @@ class Scheduler:
                 self.prefixes.discard(item.store_prefix_key)
             if not out.vision_stored and item.store_vision_key is not None:
                 self.visions.discard(item.store_vision_key)
-            seq.vit_s, seq.prefill_s, seq.rope_delta = out.vit_s, out.prefill_s, out.rope_delta
-            seq.first_token_at, seq.vision = out.first_token_at, out.vision
+            seq.vit_start, seq.vit_end, seq.prefill_start = out.vit_start, out.vit_end, out.prefill_start
+            seq.first_token_at, seq.vision, seq.rope_delta = out.first_token_at, out.vision, out.rope_delta
             seq.vision_hit = seq.vision_hit or out.vision_reused
             if out.error is None:
                 seq.length = seq.prompt_tokens

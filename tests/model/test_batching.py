@@ -107,8 +107,8 @@ def test_vit_runs_once_for_requests_on_one_new_frame(engine, frames, monkeypatch
     prepared = engine.prepare(frames[0], PruneSettings())
     texts = ["Open the menu", "Click the Classes heading", "Where is the search box?"]
     expected = [alone(engine, GroundRequest(prepared, t)) for t in texts]
-    calls, real = [], engine.runner.encode_many
-    monkeypatch.setattr(engine.runner, "encode_many", lambda prepared: calls.append(len(prepared)) or real(prepared))
+    calls, real = [], engine.runner.encode
+    monkeypatch.setattr(engine.runner, "encode", lambda prepared: calls.append(len(prepared)) or real(prepared))
     seqs = run(engine, [[GroundRequest(prepared, t, cache_key=("frame", 0)) for t in texts]])
     assert calls == [1]
     assert [s.tokens for s in seqs] == expected
