@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from transformers import AutoModelForImageTextToText
 
-from pixelprune.model.adapter import PrunedQwen3VL, VisionFeatures
+from pixelprune.model.adapter import MODEL_TYPES, PrunedQwen3VL, VisionFeatures
 from pixelprune.model.batching import BatchScheduler, StepReport
 from pixelprune.model.pipeline import PreparedImage, chat_token_ids, prepare_image, user_message, vision_spec
 from pixelprune.model.processor import load_processor
 from pixelprune.model.request import BatchSettings, GroundingOutput, GroundRequest
 from pixelprune.model.sequence import Sequence
-from pixelprune.points import grounding_prompt
+from pixelprune.profiles import AUTO, QWEN3_VL, ModelProfile, checkpoint_hints, resolve_profile
 from pixelprune.selectors import select_blocks
 from pixelprune.settings import METHODS, METRICS, PruneSettings
 
@@ -51,6 +51,7 @@ class ModelSpec:
     dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16", "float16"
     attn_implementation: str | None = None  # None: flash_attention_2 on CUDA when installed, else sdpa
     max_new_tokens: int = 24  # generation budget per answer (greedy)
+    profile: str = AUTO  # model profile (pixelprune.profiles) name, or "auto": from the checkpoint's name and card
 
 
 def resolve_device(device: str) -> torch.device:
@@ -111,7 +112,7 @@ class GroundingEngine:
     """A loaded Qwen3-VL (through PrunedQwen3VL), its processor and its batch; see the module docstring."""
 
     def __init__(self, model, processor, max_new_tokens: int = 24, is_random_weights: bool = False,
-                 batch: BatchSettings = BatchSettings()):
+                 batch: BatchSettings = BatchSettings(), profile: ModelProfile = QWEN3_VL, profile_reason: str = ""):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         text = model.config.text_config
@@ -121,7 +122,8 @@ class GroundingEngine:
         self.model = model
         self.processor = processor
         self.adapter = PrunedQwen3VL(model)
-        self.spec_vision = vision_spec(processor)
+        self.profile, self.profile_reason = profile, profile_reason  # the family's prompt, resize and answer space
+        self.spec_vision = vision_spec(processor, profile)
         self.max_new_tokens = int(max_new_tokens)
         self.is_random_weights = bool(is_random_weights)  # outputs shown to anyone must say so
         self.device = next(model.parameters()).device
@@ -139,16 +141,18 @@ class GroundingEngine:
     @classmethod
     def load(cls, spec: ModelSpec, batch: BatchSettings = BatchSettings()) -> "GroundingEngine":
         """Load model and processor with from_pretrained (hub id or local directory)."""
+        profile, reason = resolve_profile(spec.profile, spec.model, checkpoint_hints(spec.model))
         device = resolve_device(spec.device)
         dtype = resolve_dtype(spec.dtype, device)
         attn = attention_config(resolve_attn_implementation(spec.attn_implementation, device))
         model = AutoModelForImageTextToText.from_pretrained(spec.model, dtype=dtype, attn_implementation=attn)
-        if getattr(model.config, "model_type", None) != "qwen3_vl":
-            raise ValueError(f"{spec.model!r} is a {model.config.model_type!r} checkpoint, not Qwen3-VL")
+        if getattr(model.config, "model_type", None) not in MODEL_TYPES:
+            raise ValueError(f"{spec.model!r} is a {model.config.model_type!r} checkpoint, not Qwen3-VL (dense or MoE)")
         model = model.to(device).eval()
         processor = load_processor(spec.model)
         return cls(model, processor, max_new_tokens=spec.max_new_tokens,
-                   is_random_weights=checkpoint_has_random_weights(spec.model, model.config), batch=batch)
+                   is_random_weights=checkpoint_has_random_weights(spec.model, model.config), batch=batch,
+                   profile=profile, profile_reason=reason)
 
     def sync(self) -> None:
         """Wait for the device (timings measure finished work)."""
@@ -188,7 +192,7 @@ class GroundingEngine:
         with self._prompt_lock:
             ids = self._prompt_cache.pop(text, None)
             if ids is None:
-                ids = chat_token_ids(self.processor, user_message(text))
+                ids = chat_token_ids(self.processor, user_message(text, profile=self.profile), self.profile)
             self._prompt_cache[text] = ids  # most recent last
             while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
                 self._prompt_cache.pop(next(iter(self._prompt_cache)))
@@ -200,7 +204,7 @@ class GroundingEngine:
         budget = self.max_new_tokens if request.max_new_tokens is None else int(request.max_new_tokens)
         if budget < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {budget}")
-        ids = self.prompt_ids(grounding_prompt(request.instruction, request.prompt))
+        ids = self.prompt_ids(self.profile.prompt(request.instruction, request.prompt))
         self.scheduler.check_size(len(ids) - 1 + request.prepared.kept_blocks + budget)
 
     # ------------------------------------------------------------------ the batch
@@ -230,7 +234,7 @@ class GroundingEngine:
                cache_key: Hashable | None = None) -> GroundingOutput:
         """Answer one instruction on a prepared screenshot (greedy decoding), alone in the batch.
 
-        `prompt` overrides DEFAULT_GROUNDING_PROMPT and must contain `{instruction}`. `vision`
+        `prompt` overrides the profile's user template and must contain `{instruction}`. `vision`
         must come from this engine for the same pixels and keep mask (e.g. a previous output's
         `.vision`). `cache_key` names the frame for prefix and vision reuse. TTFT counts resize +
         select + patchify + ViT + tokenize + LLM prefill."""

@@ -22,7 +22,6 @@ from pixelprune.model.pipeline import image_token_id, tokenize
 from pixelprune.model.positions import same_masks
 from pixelprune.model.prefix import PrefixEntry
 from pixelprune.model.request import GroundingOutput, GroundRequest
-from pixelprune.points import grounding_prompt, normalize_point, parse_point, point_to_pixels
 
 
 class Sequence:
@@ -104,8 +103,10 @@ class Sequence:
     def finished(self, engine, stop_after_point: bool) -> bool:
         if self.tokens[-1] in engine.eos_token_ids or len(self.tokens) >= self.budget:
             return True
-        return stop_after_point and parse_point(engine.processor.tokenizer.decode(
-            self.tokens, skip_special_tokens=True)) is not None
+        if not stop_after_point:
+            return False
+        prepared, text = self.request.prepared, engine.processor.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        return engine.profile.point(text, prepared.resized_size, prepared.original_size, partial=True) is not None
 
     def end(self, engine, error: BaseException | None = None) -> None:
         self.done, self.error, self.prompt = True, error, None
@@ -115,11 +116,11 @@ class Sequence:
     def _output(self, engine, now: float) -> GroundingOutput:
         prepared = self.request.prepared
         raw_text = engine.processor.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        found = parse_point(raw_text)
-        point = None if found is None else point_to_pixels((found.x, found.y), prepared.original_size)
+        found = engine.profile.point(raw_text, prepared.resized_size, prepared.original_size)
         prep_s = prepared.prepare_s  # the caller's thread; a lazy patchify is inside the window below
         return GroundingOutput(
-            raw_text=raw_text, point=point, point_normalized=None if found is None else normalize_point((found.x, found.y)),
+            raw_text=raw_text, point=None if found is None else found.pixels,
+            point_normalized=None if found is None else found.normalized,
             kept_blocks=prepared.kept_blocks, total_blocks=prepared.total_blocks,
             retain_ratio=prepared.kept_blocks / prepared.total_blocks,
             kv_cache_bytes=self.prompt_tokens * engine.kv_bytes_per_token, vision=self.vision,
@@ -135,7 +136,7 @@ def plan(engine, scheduler, seq: Sequence) -> None:
     seq.budget = engine.max_new_tokens if request.max_new_tokens is None else int(request.max_new_tokens)
     if seq.budget < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {seq.budget}")
-    seq.ids = engine.prompt_ids(grounding_prompt(request.instruction, request.prompt))
+    seq.ids = engine.prompt_ids(engine.profile.prompt(request.instruction, request.prompt))
     prepared = request.prepared
     if int((seq.ids == image_token_id(engine.processor)).sum()) != 1:
         raise ValueError("the prompt must hold exactly one image placeholder")
