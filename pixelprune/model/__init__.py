@@ -14,8 +14,9 @@
 | `kvcache` | `SlotKVCache`: preallocated per-layer pools, one slot per running sequence |
 | `prefix` | cached prompt prefixes (`PrefixEntry`) and the bounded LRU they live in |
 | `selectors_torch` | the selectors of `pixelprune.selectors` on torch uint8 tensors (any device) |
-| `tiny` | a tiny random-weight Qwen3-VL checkpoint for tests (`pixelprune tiny-checkpoint`) |
+| `tiny` | a tiny random-weight Qwen3-VL checkpoint, dense or MoE, for tests (`pixelprune tiny-checkpoint`) |
+| `rig` | the tiny checkpoint's weights set to answer one fixed text (`--answer`), any text |
 
 Arrows point one way: this floor imports the core (`pixelprune.settings`, `geometry`,
-`selectors`, `points`, ...); the core never imports this floor.
+`selectors`, `points`, `profiles`, ...); the core never imports this floor.
 """
