@@ -57,6 +57,7 @@ class ServiceConfig:
     stream_idle_timeout_s: float = 60.0  # a stream with no frame for this long (nothing pending) is closed; 0 = never
     health_port: int = 0  # plaintext grpc.health.v1 server outside --max-concurrent-rpcs (0 = any free port, -1 = off)
     drain_delay_s: float = 5.0  # on SIGTERM: seconds of NOT_SERVING while still serving, before the drain grace
+    profile: str = "auto"  # model family's prompt, resize and answer space (pixelprune.profiles); auto = from the name
 
     def validate(self) -> "ServiceConfig":
         """Raise ValueError (one line) for a setting that cannot work; return self."""
@@ -200,6 +201,8 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
      "close a stream that sends no frame this long (0 = never)"),
     ("health_port", "--health-port", int, "plaintext health server outside the RPC limit (0 = any, -1 = off)"),
     ("drain_delay_s", "--drain-delay-s", float, "seconds of NOT_SERVING on SIGTERM before stopping the listener"),
+    ("profile", "--profile", str, "model family (prompt, resize, answer coordinates): auto (from the checkpoint's "
+     "name and card), qwen3-vl, gui-owl, ui-venus, mai-ui, stepgui, holo2"),
 ]
 # On/off switches: (field, flag, help); PIXELPRUNE_<FLAG> takes true/false.
 _SWITCHES: list[tuple[str, str, str]] = [

@@ -92,9 +92,12 @@ def open_runner(args: argparse.Namespace):
     if args.model is not None:
         if args.token_file is not None:
             raise ValueError("--token-file goes with --target, not --model")
-        return EngineRunner(args.model, device=args.device or "auto", dtype=args.dtype or "auto")
+        return EngineRunner(args.model, device=args.device or "auto", dtype=args.dtype or "auto",
+                            profile=args.profile or "auto")
     if args.device is not None or args.dtype is not None:
         raise ValueError("--device and --dtype go with --model; the service has its own")
+    if args.profile is not None:
+        raise ValueError("--profile goes with --model; the service has its own (pixelprune serve --profile)")
     return ServiceRunner(args.target, token_file=args.token_file, timeout=args.timeout)
 
 
@@ -174,6 +177,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="with --model: auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", help="with --model: auto (default: bfloat16 on CUDA, float32 on CPU), "
                                         "float32, bfloat16, float16")
+    parser.add_argument("--profile", metavar="NAME", help="with --model: the model family's prompt and answer "
+                                                          "coordinates, auto (default: from the checkpoint's name) or "
+                                                          "qwen3-vl, gui-owl, ui-venus, mai-ui, stepgui, holo2")
     parser.add_argument("--token-file", metavar="FILE", help="with --target: file holding the bearer token")
     parser.add_argument("--timeout", type=float, default=60.0, help="with --target: seconds per request (default 60)")
     parser.add_argument("--settings", default=DEFAULT_SETTINGS,
