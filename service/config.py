@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from pixelprune.cli_common import with_default
+from pixelprune.profiles import AUTO, get_profile
 from pixelprune.settings import PruneSettings
 
 MIB = 1024 * 1024
@@ -63,6 +64,7 @@ class ServiceConfig:
     max_prefill_tokens: int = 8192  # prompt tokens prefilled per engine step (a step's first prompt may exceed it)
     admission_wait_s: float = 1.0  # how long a Ground call waits in line for room before RESOURCE_EXHAUSTED
     stall_timeout_s: float = 30.0  # work waiting with no progress this long: health NOT_SERVING until it resumes
+    profile: str = "auto"  # model family's prompt, resize and answer space (pixelprune.profiles); auto = from the name
 
     def validate(self) -> "ServiceConfig":
         """Raise ValueError (one line) for a setting that cannot work; return self."""
@@ -103,6 +105,8 @@ class ServiceConfig:
             if path is not None and not os.path.isfile(path):
                 raise ValueError(f"--{name.replace('_', '-')}: no such file: {path}")
         self.auth_tenants()  # a malformed token file is reported now, not after the model has loaded
+        if self.profile != AUTO:
+            get_profile(self.profile)  # an unknown name: one line, before any checkpoint is looked at
         return self
 
     def _hardening_checks(self) -> list[tuple[bool, str]]:
@@ -220,6 +224,8 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
      "seconds a Ground call waits in line for room (pixels, queue) before RESOURCE_EXHAUSTED"),
     ("stall_timeout_s", "--stall-timeout-s", float,
      "seconds of waiting work without progress before health turns NOT_SERVING"),
+    ("profile", "--profile", str, "model family (prompt, resize, answer coordinates): auto (from the checkpoint's "
+     "name and card), qwen3-vl, gui-owl, ui-venus, mai-ui, stepgui, holo2"),
 ]
 # On/off switches: (field, flag, help); PIXELPRUNE_<FLAG> takes true/false.
 _SWITCHES: list[tuple[str, str, str]] = [
@@ -242,7 +248,7 @@ HELP_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
         f"or a Hugging Face hub id; the default, {ServiceConfig.model}, is fetched from the hub once (then read "
         f"from its cache). With no network: `pixelprune tiny-checkpoint DIR` writes a test checkpoint (random "
         f"weights) to serve with --model DIR",
-        ("model", "device", "dtype", "max_new_tokens", "stop_after_point",
+        ("model", "profile", "device", "dtype", "max_new_tokens", "stop_after_point",
          "prune_method", "prune_metric", "prune_tau", "no_prune")),
     "batching and caches": (
         "how the engine batches requests, how large its KV pool is, and what it keeps for the next request",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from service.health import STALL_REASONS
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics,
                                start_http_server)
 
 # Seconds: 1 ms .. 60 s, roughly x2.5 per step.
@@ -80,6 +80,8 @@ class ServiceMetrics:
         self.prefix_cache_hits = Counter(
             "pixelprune_prefix_cache_hits_total", "Model runs that started from a cached prompt prefix.", registry=r)
         self._add_hardening_metrics(r)
+        self.model_info = Info("pixelprune_model", "The served checkpoint and the model profile its prompts and "
+                               "answers follow (pixelprune_model_info{model, profile} 1).", registry=r)
         self._add_engine_metrics(r)
 
     def _add_engine_metrics(self, r: CollectorRegistry) -> None:
@@ -209,6 +211,10 @@ class ServiceMetrics:
 
     def record_redis_error(self) -> None:
         self.redis_errors.inc()
+
+    def record_model(self, model: str, profile: str) -> None:
+        """The checkpoint served and the profile chosen for it (--profile, or what auto chose)."""
+        self.model_info.info({"model": model, "profile": profile})
 
 
 @dataclass

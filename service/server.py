@@ -129,18 +129,30 @@ def batch_settings(config: ServiceConfig):
 
 
 def load_engine(config: ServiceConfig):
-    """The configured model, loaded (imports torch and transformers)."""
+    """The configured model, loaded (imports torch and transformers), with its profile (--profile; auto: from
+    the checkpoint's name and card) logged, and a warning when --max-new-tokens cuts the family's answers."""
     from pixelprune.model.engine import GroundingEngine, ModelSpec
 
-    return GroundingEngine.load(ModelSpec(model=config.model, device=config.device, dtype=config.dtype,
-                                          max_new_tokens=config.max_new_tokens), batch=batch_settings(config))
+    engine = GroundingEngine.load(ModelSpec(model=config.model, device=config.device, dtype=config.dtype,
+                                            max_new_tokens=config.max_new_tokens, profile=config.profile),
+                                  batch=batch_settings(config))
+    profile = engine.profile
+    log.info("profile %s (%s): %s, answers in %s; %s", profile.name, engine.profile_reason, profile.family,
+             profile.coordinates.name, profile.source)
+    if getattr(engine.model.config, "pixelprune_rigged_answer", None) and str(engine.dtype) != "torch.float32":
+        log.warning("%s is rigged to a fixed answer, which holds in float32 only (--dtype float32)", config.model)
+    if config.max_new_tokens < profile.answer_tokens:
+        log.warning("--max-new-tokens %d is shorter than a whole %s answer (~%d tokens): answers may be cut off",
+                    config.max_new_tokens, profile.name, profile.answer_tokens)
+    return engine
 
 
 def session_key_prefix(config: ServiceConfig) -> str:
-    """Redis key prefix of this replica's sessions: `--redis-prefix` plus a tag of the model and
-    the answer length, so replicas share sessions (and cached answers) only when they would
-    give the same answers; a replica serving another model never returns this one's."""
-    tag = hashlib.blake2b(f"{config.model}|{config.max_new_tokens}".encode(), digest_size=6).hexdigest()
+    """Redis key prefix of this replica's sessions: `--redis-prefix` plus a tag of the model, the
+    answer length and the profile, so replicas share sessions (and cached answers) only when they
+    would give the same answers; a replica serving another model never returns this one's."""
+    tag = hashlib.blake2b(f"{config.model}|{config.max_new_tokens}|{config.profile}".encode(),
+                          digest_size=6).hexdigest()
     return f"{config.redis_prefix}{tag}:"
 
 
@@ -234,6 +246,7 @@ def create_server(config: ServiceConfig, engine=None, registry: CollectorRegistr
 
     metrics = ServiceMetrics(registry)
     metrics.record_kv_capacity(engine.kv_capacity_tokens)  # again after the warm-up, which sizes it on CUDA
+    metrics.record_model(config.model, engine.profile.name)
     loop = EngineLoop(engine, on_step=lambda step: metrics.record_step(step, loop.waiting))
     server = _grpc_server(config, metrics, tenants)
     admission = _admission(config, engine, metrics)

@@ -27,6 +27,7 @@ from pixelprune.eval.records import PredictionLog, score
 from pixelprune.eval.report import markdown, plot, summarize, text_table
 from pixelprune.eval.runners import EngineRunner, RunnerFailed, SampleFailed, ServiceRunner, unreadable_image
 from pixelprune.model.checkpoint import check_model
+from pixelprune.profiles import AUTO, get_profile
 from pixelprune.settings import PruneSettings
 
 DEFAULT_SETTINGS = "full,pred2d:max:0,pred2d:max:0.02"
@@ -107,8 +108,15 @@ def _check_runner_arguments(args: argparse.Namespace) -> None:
             raise UsageError(f"{', '.join(remote)} go{'es' if len(remote) == 1 else ''} with --target, not --model")
     elif args.device is not None or args.dtype is not None:
         raise UsageError("--device and --dtype go with --model; the service has its own")
+    elif args.profile is not None:
+        raise UsageError("--profile goes with --model; the service has its own (pixelprune serve --profile)")
     if args.timeout <= 0:
         raise UsageError(f"--timeout must be > 0, got {args.timeout:g}")
+    if args.profile not in (None, AUTO):
+        try:
+            get_profile(args.profile)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
 
 
 def open_runner(args: argparse.Namespace):
@@ -117,7 +125,8 @@ def open_runner(args: argparse.Namespace):
     try:
         if args.model is not None:
             check_model(args.model)  # a wrong path or an unreachable hub id: one line, before torch loads
-            return EngineRunner(args.model, device=args.device or "auto", dtype=args.dtype or "auto")
+            return EngineRunner(args.model, device=args.device or "auto", dtype=args.dtype or "auto",
+                                profile=args.profile or "auto")
         tls = args.tls_ca or args.tls or None
         return ServiceRunner(args.target, token=read_token(args.token_file), tls=tls, timeout=args.timeout)
     except RunnerFailed as exc:
@@ -206,6 +215,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--device", help=with_default("cpu, cuda, cuda:N", "auto"))
     model.add_argument("--dtype", help=with_default("float32, bfloat16, float16; auto = bfloat16 on CUDA, float32 "
                                                     "on CPU", "auto"))
+    model.add_argument("--profile", metavar="NAME", help=with_default(
+        "the model family's prompt and answer coordinates: qwen3-vl, gui-owl, ui-venus, mai-ui, stepgui, holo2, or "
+        "auto (from the checkpoint's name and card)", "auto"))
     served = parser.add_argument_group("with --target (the options of pixelprune-agent)")
     served.add_argument("--token-file", metavar="FILE", help="file holding the bearer token")
     served.add_argument("--tls-ca", metavar="FILE", help="PEM root certificate(s): use TLS and trust these")

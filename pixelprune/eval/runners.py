@@ -58,13 +58,14 @@ def unreadable_image(path: Path, exc: BaseException) -> str:
 class EngineRunner:
     """The model loaded in this process (GroundingEngine), warmed up once before the first sample."""
 
-    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", warmup: bool = True):
+    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", warmup: bool = True,
+                 profile: str = "auto"):
         try:
             from pixelprune.model.engine import GroundingEngine, ModelSpec
         except ModuleNotFoundError as exc:
             raise _missing_extra(exc, "--model", "model") from None
         try:
-            self.engine = GroundingEngine.load(ModelSpec(model=model, device=device, dtype=dtype))
+            self.engine = GroundingEngine.load(ModelSpec(model=model, device=device, dtype=dtype, profile=profile))
         except ValueError as exc:  # not a Qwen3-VL checkpoint, bad device or dtype
             raise ValueError(f"cannot load model {model}: {' '.join(str(exc).split())}") from None
         except OSError as exc:  # unreadable or incomplete checkpoint files
@@ -72,7 +73,7 @@ class EngineRunner:
         if warmup:
             self.engine.warmup()
         dtype_name = str(self.engine.dtype).removeprefix("torch.")
-        self.source = f"model {model} ({self.engine.device}, {dtype_name})"
+        self.source = f"model {model} ({self.engine.device}, {dtype_name}) profile {self.engine.profile.name}"
         self._image: tuple[Path, object] | None = None  # the last screenshot read: (path, pixels)
 
     def _pixels(self, image: Path):

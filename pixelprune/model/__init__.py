@@ -6,17 +6,20 @@
 | `positions` | keep masks, image grids, pruned token sequence with the full image's MRoPE positions |
 | `processor` | the Qwen3-VL processor (also without torchvision) and its exact inverse |
 | `pipeline` | screenshot -> resized uint8 -> keep mask -> kept `pixel_values` and token ids |
-| `engine` | `GroundingEngine`: load, prepare, encode, ground; admit / step / cancel for a model worker |
-| `request` | `GroundRequest`, `GroundingOutput`, `BatchSettings` (what goes in and out of the batch) |
-| `batching` | `BatchScheduler`: continuous batching (admit, step, cancel, limits, faults) |
-| `sequence` | one request in the batch: planning, vision for cold requests, its output |
-| `generation` | the extend forward (prefill and decode), the decode step, its CUDA graphs |
+| `engine` | `GroundingEngine`: load, prepare, encode, ground; `sequence` / `step` / `output` for the loop |
+| `scheduler` | torch-free: waiting and running sequences, rows, layout, budgets, stores' bookkeeping -> `StepPlan` |
+| `runner` | the device: model, KV slots, stored prefixes and vision features, CUDA graphs; executes a `StepPlan` |
+| `loop` | `EngineLoop`: one thread repeating schedule -> execute -> update; futures for the callers |
+| `request` | `GroundRequest`, `GroundingOutput`, `BatchSettings` (what goes in and out of the engine) |
+| `generation` | the extend forward (prefills), the decode step, its CUDA graphs |
+| `attention` | the prefill attention per row over its own slot positions (`slot_attention`) |
 | `kvcache` | `SlotKVCache`: preallocated per-layer pools, one slot per running sequence |
-| `prefix` | cached prompt prefixes (`PrefixEntry`) and the bounded LRU they live in |
+| `prefix` | cached prompt prefixes (`PrefixEntry`: the tensors; the scheduler keeps the bookkeeping) |
 | `selectors_torch` | the selectors of `pixelprune.selectors` on torch uint8 tensors (any device) |
-| `tiny` | a tiny random-weight Qwen3-VL checkpoint for tests (`pixelprune tiny-checkpoint`) |
+| `tiny` | a tiny random-weight Qwen3-VL checkpoint, dense or MoE, for tests (`pixelprune tiny-checkpoint`) |
+| `rig` | the tiny checkpoint's weights set to answer one fixed text (`--answer`), any text |
 | `checkpoint` | what `--model` names, checked before anything loads (directory with config.json, or hub id) |
 
 Arrows point one way: this floor imports the core (`pixelprune.settings`, `geometry`,
-`selectors`, `points`, ...); the core never imports this floor.
+`selectors`, `points`, `profiles`, ...); the core never imports this floor.
 """

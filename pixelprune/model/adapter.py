@@ -1,7 +1,10 @@
 """Run one loaded Qwen3-VL model on the kept blocks only, with full-image positions.
 
 `PrunedQwen3VL(model)` wraps a `Qwen3VLForConditionalGeneration` (transformers 5.23,
-`models/qwen3_vl/modeling_qwen3_vl.py`) without changing any class: it only uses the
+`models/qwen3_vl/modeling_qwen3_vl.py`) or its MoE sibling `Qwen3VLMoeForConditionalGeneration`
+(`models/qwen3_vl_moe/modeling_qwen3_vl_moe.py`: the same vision tower, `Qwen3VLModel.forward`
+and `get_rope_index`, the same text attention; only the decoder's MLP is a sparse mixture of
+experts, which sees the same hidden states) without changing any class: it only uses the
 public hooks of that version (QWEN3VL.md section 7):
 
 * the ViT (`Qwen3VLVisionModel.forward`, L665-718) pops precomputed `position_ids`,
@@ -33,6 +36,8 @@ from pixelprune.model.positions import grid_list, kept_patch_rows, prune_token_i
 from pixelprune.model.processor import rows_to_uint8_images
 from pixelprune.selectors import select_blocks
 from pixelprune.settings import PruneSettings
+
+MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")  # config.model_type of the checkpoints this adapter runs (dense, MoE)
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ class PrunedInputs:
 
 
 class PrunedQwen3VL:
-    """Pixel-pruned inference for one loaded Qwen3VLForConditionalGeneration instance.
+    """Pixel-pruned inference for one loaded Qwen3VLForConditionalGeneration (or Qwen3VLMoe...) instance.
 
     `config` is a `pixelprune.settings.PruneSettings` (enabled, method, metric, tau) used when
     no `keep` masks are given; None means the default settings (lossless pred2d). No class
@@ -77,7 +82,8 @@ class PrunedQwen3VL:
 
     def __init__(self, model: Any, config: Any = None):
         if not hasattr(model, "model") or not hasattr(model.model, "visual") or not hasattr(model.model, "get_rope_index"):
-            raise ValueError(f"expected a loaded Qwen3VLForConditionalGeneration, got {type(model).__name__}")
+            raise ValueError(f"expected a loaded Qwen3VLForConditionalGeneration (or its MoE variant), "
+                             f"got {type(model).__name__}")
         if config is None:
             config = PruneSettings()
         if not isinstance(config, PruneSettings):

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForImageTextToText
 
-from pixelprune.model.adapter import PrunedQwen3VL, VisionFeatures
+from pixelprune.model.adapter import MODEL_TYPES, PrunedQwen3VL, VisionFeatures
 from pixelprune.model.attention import SLOT_ATTENTION
 from pixelprune.model.checkpoint import check_model
 from pixelprune.model.pipeline import (PreparedImage, chat_token_ids, image_token_id, prepare_image, user_message,
@@ -45,7 +45,7 @@ from pixelprune.model.processor import load_processor
 from pixelprune.model.request import CPU_KV_TOKENS, BatchSettings, GroundingOutput, GroundRequest
 from pixelprune.model.runner import ModelRunner, Work
 from pixelprune.model.scheduler import LENGTH_BUCKETS, Scheduler, SchedulerLimits, Sequence, Status, StepResult
-from pixelprune.points import grounding_prompt, normalize_point, parse_point, point_to_pixels
+from pixelprune.profiles import AUTO, QWEN3_VL, ModelProfile, checkpoint_hints, resolve_profile
 from pixelprune.selectors import select_blocks
 from pixelprune.settings import METHODS, METRICS, PruneSettings
 
@@ -68,6 +68,7 @@ class ModelSpec:
     dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16", "float16"
     attn_implementation: str | None = None  # None: flash_attention_2 on CUDA when installed, else sdpa
     max_new_tokens: int = 24  # generation budget per answer (greedy)
+    profile: str = AUTO  # model profile (pixelprune.profiles) name, or "auto": from the checkpoint's name and card
 
 
 def resolve_device(device: str) -> torch.device:
@@ -160,7 +161,7 @@ class GroundingEngine:
     docstring. `step` is driven by one thread (an EngineLoop, or `ground` when nothing else drives it)."""
 
     def __init__(self, model, processor, max_new_tokens: int = 24, is_random_weights: bool = False,
-                 batch: BatchSettings = BatchSettings()):
+                 batch: BatchSettings = BatchSettings(), profile: ModelProfile = QWEN3_VL, profile_reason: str = ""):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         text = model.config.text_config
@@ -170,7 +171,8 @@ class GroundingEngine:
         self.model = model
         self.processor = processor
         self.adapter = PrunedQwen3VL(model)
-        self.spec_vision = vision_spec(processor)
+        self.profile, self.profile_reason = profile, profile_reason  # the family's prompt, resize and answer space
+        self.spec_vision = vision_spec(processor, profile)
         self.max_new_tokens = int(max_new_tokens)
         self.is_random_weights = bool(is_random_weights)  # outputs shown to anyone must say so
         self.device = next(model.parameters()).device
@@ -216,18 +218,23 @@ class GroundingEngine:
     @classmethod
     def load(cls, spec: ModelSpec, batch: BatchSettings = BatchSettings()) -> "GroundingEngine":
         """Load model and processor with from_pretrained (hub id or local directory); a path that is not a
-        checkpoint or a hub id that cannot be fetched is one ValueError/OSError line, before any loading."""
+        checkpoint, a hub id that cannot be fetched or an unknown profile is one ValueError/OSError line,
+        before any loading."""
+        if spec.profile != AUTO:
+            resolve_profile(spec.profile, spec.model, ())  # an unknown name first: it needs no checkpoint
         check_model(spec.model)
+        profile, reason = resolve_profile(spec.profile, spec.model, checkpoint_hints(spec.model))
         device = resolve_device(spec.device)
         dtype = resolve_dtype(spec.dtype, device)
         attn = attention_config(resolve_attn_implementation(spec.attn_implementation, device))
         model = AutoModelForImageTextToText.from_pretrained(spec.model, dtype=dtype, attn_implementation=attn)
-        if getattr(model.config, "model_type", None) != "qwen3_vl":
-            raise ValueError(f"{spec.model!r} is a {model.config.model_type!r} checkpoint, not Qwen3-VL")
+        if getattr(model.config, "model_type", None) not in MODEL_TYPES:
+            raise ValueError(f"{spec.model!r} is a {model.config.model_type!r} checkpoint, not Qwen3-VL (dense or MoE)")
         model = model.to(device).eval()
         processor = load_processor(spec.model)
         return cls(model, processor, max_new_tokens=spec.max_new_tokens,
-                   is_random_weights=checkpoint_has_random_weights(spec.model, model.config), batch=batch)
+                   is_random_weights=checkpoint_has_random_weights(spec.model, model.config), batch=batch,
+                   profile=profile, profile_reason=reason)
 
     def sync(self) -> None:
         """Wait for the device (timings measure finished work)."""
@@ -243,7 +250,7 @@ class GroundingEngine:
         with self._prompt_lock:
             ids = self._prompt_cache.pop(text, None)
             if ids is None:
-                ids = chat_token_ids(self.processor, user_message(text))
+                ids = chat_token_ids(self.processor, user_message(text, profile=self.profile), self.profile)
             self._prompt_cache[text] = ids  # most recent last
             while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
                 self._prompt_cache.pop(next(iter(self._prompt_cache)))
@@ -256,7 +263,7 @@ class GroundingEngine:
         budget = self.max_new_tokens if request.max_new_tokens is None else int(request.max_new_tokens)
         if budget < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {budget}")
-        ids = self.prompt_ids(grounding_prompt(request.instruction, request.prompt))
+        ids = self.prompt_ids(self.profile.prompt(request.instruction, request.prompt))
         pads = np.flatnonzero(ids == self.image_token_id)
         if len(pads) != 1:
             raise ValueError("the prompt must hold exactly one image placeholder")
@@ -329,8 +336,10 @@ class GroundingEngine:
         return self.runner.cache.capacity_tokens
 
     # ------------------------------------------------------------------ outputs
-    def _holds_point(self, tokens: list[int]) -> bool:
-        return parse_point(self.processor.tokenizer.decode(tokens, skip_special_tokens=True)) is not None
+    def _holds_point(self, seq: Sequence) -> bool:
+        """stop_after_point: the answer so far holds a closed point in the profile's form and space."""
+        prepared, text = seq.payload.prepared, self.processor.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+        return self.profile.point(text, prepared.resized_size, prepared.original_size, partial=True) is not None
 
     def output(self, seq: Sequence) -> GroundingOutput:
         """The answer of a FINISHED sequence."""
@@ -339,12 +348,11 @@ class GroundingEngine:
         work: Work = seq.payload
         prepared = work.prepared
         raw_text = self.processor.tokenizer.decode(seq.tokens, skip_special_tokens=True)
-        found = parse_point(raw_text)
-        point = None if found is None else point_to_pixels((found.x, found.y), prepared.original_size)
+        found = self.profile.point(raw_text, prepared.resized_size, prepared.original_size)
         engine_ttft = seq.first_token_at - seq.admitted_at
         return GroundingOutput(
-            raw_text=raw_text, point=point,
-            point_normalized=None if found is None else normalize_point((found.x, found.y)),
+            raw_text=raw_text, point=None if found is None else found.pixels,
+            point_normalized=None if found is None else found.normalized,
             kept_blocks=prepared.kept_blocks, total_blocks=prepared.total_blocks,
             retain_ratio=prepared.kept_blocks / prepared.total_blocks,
             kv_cache_bytes=seq.prompt_tokens * self.kv_bytes_per_token, vision=seq.vision,
@@ -389,7 +397,7 @@ class GroundingEngine:
         """Answer one instruction on a prepared screenshot (greedy decoding), stepping the engine on this
         thread; nothing else may be driving it.
 
-        `prompt` overrides DEFAULT_GROUNDING_PROMPT and must contain `{instruction}`. `vision`
+        `prompt` overrides the profile's user template and must contain `{instruction}`. `vision`
         must come from this engine for the same pixels and keep mask (e.g. a previous output's
         `.vision`). `cache_key` names the frame for prefix and vision reuse. TTFT counts resize +
         select + patchify + ViT + tokenize + LLM prefill."""

@@ -14,26 +14,31 @@ With nothing pruned, the result equals the processor's output exactly (tested).
 On CUDA, resize, selection and patchify run on the device (`device_prep`), same bits.
 
 Resize limits, patch size, mean and std are read from the processor's image
-processor config, never guessed. One prompt (batch 1), any number of images.
+processor config, never guessed; a model profile (`pixelprune.profiles`) may set the
+family's own resize limits, system turn, image/text order and chat-template variables.
+One prompt (batch 1), any number of images.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
 from PIL import Image
+from transformers.utils.chat_template_utils import mark_control_tokens
 
 from pixelprune.geometry import (
     BLOCK_SIZE, MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE, image_grid_thw,
     kept_pixel_values, resize_to, smart_resize, to_rgb_array,
 )
 from pixelprune.model.device_prep import prepare_on_device
+from pixelprune.profiles import QWEN3_VL, ModelProfile, UserTurn
 from pixelprune.selectors import select_blocks
 from pixelprune.settings import PruneSettings
 
@@ -48,9 +53,10 @@ class VisionSpec:
     image_std: tuple[float, float, float]  # per-channel std after rescaling to 0..1
 
 
-def vision_spec(processor) -> VisionSpec:
+def vision_spec(processor, profile: ModelProfile | None = None) -> VisionSpec:
     """Read Qwen3-VL's image settings from a processor (or its image processor) and check that
-    they are the geometry this pipeline implements (16 px patches, 2x2 merge, 1/255 rescale)."""
+    they are the geometry this pipeline implements (16 px patches, 2x2 merge, 1/255 rescale).
+    The profile's resize limits, where it has them, replace the processor's."""
     ip = getattr(processor, "image_processor", processor)
     expected = {"patch_size": PATCH_SIZE, "merge_size": MERGE_SIZE, "temporal_patch_size": TEMPORAL_PATCH_SIZE}
     for name, want in expected.items():
@@ -61,8 +67,13 @@ def vision_spec(processor) -> VisionSpec:
     mean, std = tuple(float(v) for v in ip.image_mean), tuple(float(v) for v in ip.image_std)
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"image_mean/image_std must have 3 values, got {mean} / {std}")
-    return VisionSpec(min_pixels=int(ip.size["shortest_edge"]), max_pixels=int(ip.size["longest_edge"]),
-                      image_mean=mean, image_std=std)
+    low, high = int(ip.size["shortest_edge"]), int(ip.size["longest_edge"])
+    if profile is not None:
+        low = low if profile.min_pixels is None else profile.min_pixels
+        high = high if profile.max_pixels is None else profile.max_pixels
+    if not 0 < low <= high:
+        raise ValueError(f"resize limits must satisfy 0 < min_pixels <= max_pixels, got {low} and {high}")
+    return VisionSpec(min_pixels=low, max_pixels=high, image_mean=mean, image_std=std)
 
 
 @dataclass(frozen=True)
@@ -171,23 +182,36 @@ def image_token_id(processor) -> int:
     return int(token_id)
 
 
-def chat_token_ids(processor, messages: list[dict]) -> np.ndarray:
+def chat_token_ids(processor, messages: list[dict], profile: ModelProfile | None = None) -> np.ndarray:
     """Token ids (int64, read-only) of a chat through the processor's template, one
     `<|image_pad|>` per image item, before expansion. Depends only on the text, so callers
-    may cache it per prompt.
+    may cache it per prompt. `profile`: its chat-template variables (e.g. Holo2's
+    thinking=False) go to the template.
 
-    The messages' text is text: a control token written in it (`<|image_pad|>`, `<|im_end|>`,
-    `<|im_start|>`, ...) is encoded as the plain characters it consists of, never as the token,
-    so a caller can neither add image placeholders nor close its turn and open another. Only
-    the template writes control tokens (transformers' `sanitize_control_tokens`)."""
+    The user turns' text is text: a control token written in it (`<|image_pad|>`, `<|im_end|>`,
+    `<|im_start|>`, `<tool_call>`, any added token) is encoded as the plain characters it
+    consists of, never as the token, so a caller can neither add image placeholders nor close
+    its turn and open another (transformers' `sanitize_control_tokens` markers, put on the
+    user turns only). A system turn is the model profile's own text and is tokenized as the
+    family's code does: GUI-Owl's tool prompt names `<tool_call>`, which the model reads as
+    its token."""
     tokenizer = processor.tokenizer
+    pattern = _added_tokens_pattern(tuple(tokenizer.added_tokens_encoder))
+    marked = [m if m.get("role") == "system" else mark_control_tokens(m, pattern) for m in messages]
+    kwargs = profile.chat_template_kwargs if profile else {}
     with _TOKENIZER_LOCK:  # sanitising switches the tokenizer between modes: one chat at a time
-        ids = tokenizer.apply_chat_template(messages, chat_template=processor.chat_template, tokenize=True,
-                                            add_generation_prompt=True, sanitize_control_tokens=True,
-                                            return_dict=False)
+        text = tokenizer.apply_chat_template(marked, chat_template=processor.chat_template, tokenize=False,
+                                             add_generation_prompt=True, **kwargs)
+        ids = tokenizer(text, add_special_tokens=False, sanitize_control_tokens=True)["input_ids"]
     ids = np.asarray(ids, dtype=np.int64)
     ids.flags.writeable = False
     return ids
+
+
+@lru_cache(maxsize=8)
+def _added_tokens_pattern(tokens: tuple[str, ...]) -> re.Pattern:
+    """Any of the tokenizer's added tokens, longest first (as transformers' sanitizer matches them)."""
+    return re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True))) or "(?!)")
 
 
 def tokenize(processor, messages: list[dict], grids, device="cpu", ids: np.ndarray | None = None
@@ -215,10 +239,11 @@ def tokenize(processor, messages: list[dict], grids, device="cpu", ids: np.ndarr
     return {name: torch.from_numpy(row).unsqueeze(0).to(device) for name, row in rows.items()}
 
 
-def user_message(text: str, num_images: int = 1) -> list[dict]:
-    """A one-turn chat: `num_images` image items, then the text (Qwen3-VL's grounding layout)."""
-    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
-    return [{"role": "user", "content": content}]
+def user_message(text: str | UserTurn, num_images: int = 1, profile: ModelProfile | None = None) -> list[dict]:
+    """The chat of one request: the profile's system turn (if any), then the user turn with
+    `num_images` image items. `text`: a string (text after the images, Qwen3-VL's grounding
+    layout) or a profile's (before, after) pair (`ModelProfile.prompt`)."""
+    return (QWEN3_VL if profile is None else profile).messages(text, num_images)
 
 
 @dataclass(frozen=True)
@@ -239,17 +264,19 @@ class ModelInputs:
 
 
 def build_inputs(processor, images, messages: list[dict], settings: PruneSettings | None = None,
-                 device="cpu", dtype: torch.dtype = torch.float32) -> ModelInputs:
+                 device="cpu", dtype: torch.dtype = torch.float32, profile: ModelProfile | None = None) -> ModelInputs:
     """Model inputs for one chat whose image items are `images` (in order), pruned per `settings`
-    (None = PruneSettings() defaults). pixel_values go to `dtype`, everything to `device`."""
+    (None = PruneSettings() defaults). pixel_values go to `dtype`, everything to `device`.
+    `profile`: its resize limits and chat-template variables (the messages come from the caller)."""
     settings = PruneSettings() if settings is None else settings
     images = list(images)
     if not images:
         raise ValueError("build_inputs needs at least one image")
-    spec = vision_spec(processor)
+    spec = vision_spec(processor, profile)
     prepared = [prepare_image(image, settings, spec, device=device, dtype=dtype) for image in images]
     t0 = time.perf_counter()
-    text_inputs = tokenize(processor, messages, [p.image_grid_thw for p in prepared], device=device)
+    ids = chat_token_ids(processor, messages, profile)
+    text_inputs = tokenize(processor, messages, [p.image_grid_thw for p in prepared], device=device, ids=ids)
     tokenize_seconds = time.perf_counter() - t0
     inputs = dict(text_inputs)
     inputs["pixel_values"] = torch.cat([p.pixel_values for p in prepared])

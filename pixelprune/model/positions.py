@@ -1,6 +1,7 @@
 """Token-side preparation of a pruned Qwen3-VL prompt: keep masks, image grids, and the
 pruned sequence with the MRoPE positions of the FULL image (transformers 5.23/5.24,
-`Qwen3VLModel.get_rope_index`). The vision side is in `pixelprune.model.adapter`."""
+`Qwen3VLModel.get_rope_index`, which `Qwen3VLMoeModel` inherits unchanged: dense and MoE
+checkpoints share these positions). The vision side is in `pixelprune.model.adapter`."""
 
 from __future__ import annotations
 

@@ -248,10 +248,10 @@ class Scheduler:
     """See the module docstring. Not thread-safe: one engine loop drives it."""
 
     def __init__(self, limits: SchedulerLimits, eos_token_ids: frozenset[int],
-                 stop: Callable[[list[int]], bool] | None = None):
+                 stop: Callable[[Sequence], bool] | None = None):
         self.limits = limits
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.stop = stop  # extra end condition on the generated tokens (e.g. a closed point)
+        self.stop = stop  # extra end condition, asked after each new token (e.g. the answer holds a closed point)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []  # running[i] holds row i (ended ones stay until the next schedule)
         self.slot_len = 0  # the layout in force (0: none yet)
@@ -448,7 +448,7 @@ class Scheduler:
             seq.tokens.append(int(out.token))
             seq.logprob += float(out.logprob)
             if (seq.tokens[-1] in self.eos_token_ids or len(seq.tokens) >= seq.budget
-                    or (self.stop is not None and self.stop(seq.tokens))):
+                    or (self.stop is not None and self.stop(seq))):
                 self._end(seq, Status.FINISHED)
         if seq.done:
             ended.append(seq)

@@ -1,4 +1,5 @@
-"""A tiny Qwen3-VL checkpoint with deterministic random weights, for tests and demos.
+"""A tiny Qwen3-VL checkpoint (dense, or the MoE variant) with deterministic random weights,
+for tests and demos.
 
 `write_tiny_checkpoint(dir)` writes everything `AutoModelForImageTextToText` and
 `AutoProcessor` need to load offline: config, generation config, safetensors
@@ -15,6 +16,11 @@ trained offline on a fixed built-in text, the 26 special tokens follow it in
 Qwen's order (so `<|image_pad|>` is 512 + 12 = 524 instead of 151643 + 12), and
 `vocab_size` is 576. Code must therefore read token ids from the config
 (`config.image_token_id`, ...), never hard-code 151655.
+
+`arch="qwen3_vl_moe"` writes the same layout as `Qwen3VLMoeForConditionalGeneration` (the
+architecture of Qwen3-VL-30B-A3B, UI-Venus-1.5-30B-A3B and Holo2-30B-A3B): every decoder
+MLP is a sparse block of 8 experts (128 wide), 2 per token. `answer=TEXT` rigs the text
+model to answer TEXT (`pixelprune.model.rig`).
 """
 
 from __future__ import annotations
@@ -61,6 +67,24 @@ TINY_CONFIG: dict = {
         "num_position_embeddings": 2304, "deepstack_visual_indexes": [1, 2, 3],
     },
 }
+
+ARCHS = ("qwen3_vl", "qwen3_vl_moe")  # --arch values: dense Qwen3-VL, and its mixture-of-experts variant
+# The MoE variant: TINY_CONFIG with the model types of Qwen3VLMoeConfig and a sparse MLP in every layer.
+MOE_TEXT = {"model_type": "qwen3_vl_moe_text", "moe_intermediate_size": 128, "num_experts": 8,
+            "num_experts_per_tok": 2, "decoder_sparse_step": 1, "mlp_only_layers": []}
+
+
+def tiny_config(arch: str = "qwen3_vl") -> dict:
+    """The config.json contents of the tiny checkpoint of this architecture (a fresh copy)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
+    config = json.loads(json.dumps(TINY_CONFIG))
+    if arch == "qwen3_vl_moe":
+        config.update(architectures=["Qwen3VLMoeForConditionalGeneration"], model_type="qwen3_vl_moe")
+        config["text_config"].update(MOE_TEXT)
+        config["vision_config"]["model_type"] = "qwen3_vl_moe_vision"
+    return config
+
 
 # Qwen3-VL's released preprocessor values (Qwen2VLImageProcessorPil arguments); the class
 # defaults are Qwen2-VL's (patch 14, CLIP mean/std), so every value is given.
@@ -134,20 +158,31 @@ def _build_tokenizer():
     return tok
 
 
-def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, answer: str | None = None) -> Path:
+def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, answer: str | None = None,
+                          arch: str = "qwen3_vl") -> Path:
     """Write a complete tiny Qwen3-VL checkpoint with weights drawn from `seed` into `out_dir`
     (created if missing) and return its path. The same seed gives bit-identical weights.
 
     `answer`: rig the text model so that greedy decoding always answers this text, whatever
-    the image (e.g. "(642, 318)" for end-to-end checks of point mapping and clicks); the
-    vision tower keeps its random weights and still runs."""
+    the image (e.g. '{"point_2d": [642, 318]}' for end-to-end checks of point mapping and
+    clicks; any text of up to 127 tokens, repeated tokens included); the vision tower keeps
+    its random weights and still runs. `arch`: "qwen3_vl" (dense) or "qwen3_vl_moe"."""
     import torch
-    from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import (GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
+                              Qwen3VLMoeForConditionalGeneration)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
+    from pixelprune.model.rig import answer_chain, rig_answer
+
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    config_class, model_class = ((Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if arch == "qwen3_vl_moe"
+                                 else (Qwen3VLConfig, Qwen3VLForConditionalGeneration))
+    config = config_class(**tiny_config(arch))
+    tokenizer = _build_tokenizer()
+    if answer is not None:
+        answer_chain(tokenizer, answer, config.text_config)  # refuse a bad answer before writing anything
     if not str(out_dir).strip():
         raise ValueError("output directory must not be empty")
     out = Path(out_dir)
@@ -159,17 +194,16 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, answer: str | None
     if readme.is_file() and "RANDOM WEIGHTS" not in readme.read_text(errors="replace"):
         raise ValueError(f"{out} already holds a README.md that is not a tiny checkpoint's; "
                          "choose an empty or new directory")
-    config = Qwen3VLConfig(**json.loads(json.dumps(TINY_CONFIG)))
     config.pixelprune_random_weights = True  # read by the engine: outputs must be labelled meaningless
     with torch.random.fork_rng():  # leave the caller's global RNG as it was
         torch.manual_seed(seed)
-        model = Qwen3VLForConditionalGeneration(config).eval()
+        model = model_class(config).eval()
     model.generation_config = GenerationConfig(
         bos_token_id=TOKEN_IDS["<|endoftext|>"], pad_token_id=TOKEN_IDS["<|endoftext|>"],
         eos_token_id=[TOKEN_IDS["<|im_end|>"], TOKEN_IDS["<|endoftext|>"]], do_sample=False)
-    tokenizer = _build_tokenizer()
     if answer is not None:
-        _rig_answer(model, tokenizer, answer)
+        rig_answer(model, tokenizer, answer)
+        model.config.pixelprune_rigged_answer = answer  # read by the server: the rig is exact in float32 only
     model.save_pretrained(out)
 
     tokenizer.save_pretrained(out)
@@ -178,35 +212,9 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, answer: str | None
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen3VLProcessor"}, indent=2) + "\n")
     rigged = "" if answer is None else _RIGGED.format(answer=answer)
-    (out / "README.md").write_text(_README.format(seed=seed) + rigged)
+    layout = _MOE if arch == "qwen3_vl_moe" else ""
+    (out / "README.md").write_text(_README.format(seed=seed) + layout + rigged)
     return out
-
-
-def _rig_answer(model, tokenizer, answer: str) -> None:
-    """Make greedy decoding after the assistant header produce `answer`, then <|im_end|>.
-
-    Every text layer's attention and MLP outputs are zeroed, so the last hidden state is the
-    current token's embedding; each token of the chain gets a one-hot embedding on its own
-    axis, and lm_head maps that axis to the next token of the chain."""
-    import torch
-
-    chain = ([tokenizer("<|im_start|>assistant\n")["input_ids"][-1]] + tokenizer(answer)["input_ids"]
-             + [tokenizer.convert_tokens_to_ids("<|im_end|>")])
-    text = model.model.language_model
-    if len(set(chain[:-1])) != len(chain) - 1 or len(chain) > text.config.hidden_size:
-        raise ValueError(f"answer {answer!r} must tokenize to distinct tokens, at most "
-                         f"{text.config.hidden_size - 2} of them")
-    with torch.no_grad():
-        for layer in text.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        text.norm.weight.fill_(1.0)
-        embed, head = text.embed_tokens.weight, model.lm_head.weight
-        head.zero_()
-        for axis, (token, following) in enumerate(zip(chain, chain[1:])):
-            embed[token] = 0.0
-            embed[token, axis] = 1.0
-            head[following, axis] = 10.0
 
 
 _README = """\
@@ -223,12 +231,18 @@ vocabulary is a 512-token byte-level BPE followed by Qwen's special tokens
 (`<|image_pad|>` = 524, not 151655); read ids from config.json.
 """
 
+_MOE = """
+Mixture of experts: `Qwen3VLMoeForConditionalGeneration` (`qwen3_vl_moe`), every
+decoder MLP a sparse block of 8 experts, 2 per token.
+"""
+
 _RIGGED = """
 ## Rigged answer
 
-The text model is rigged to answer `{answer}` to every prompt (attention and MLP
-outputs zeroed, embeddings and lm_head wired as a chain of next tokens), for
-end-to-end checks of point parsing, mapping and clicking. Still not a real model.
+The text model is rigged to answer `{answer}` to every prompt (pixelprune/model/rig.py:
+attention heads that measure the distance to the generation prompt, a last-layer MLP
+that maps each answer step to its token), for end-to-end checks of point parsing,
+mapping and clicking. Still not a real model. Exact in float32.
 """
 
 
@@ -236,12 +250,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", help="output directory (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     parser.add_argument("--answer", metavar="TEXT", default=None,
-                        help='rig the model to always answer TEXT, e.g. "(642, 318)": a fixed point in '
-                             "0-1000 coordinates for end-to-end checks of mapping and clicks")
+                        help='rig the model to always answer TEXT, e.g. \'{"point_2d": [642, 318]}\' or any '
+                             "family's answer form (up to 127 tokens) for end-to-end checks of mapping and clicks")
+    parser.add_argument("--arch", choices=ARCHS, default="qwen3_vl",
+                        help="qwen3_vl (dense, default) or qwen3_vl_moe (mixture of experts, like Qwen3-VL-30B-A3B)")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = write_tiny_checkpoint(args.dir, seed=args.seed, answer=args.answer)
+    out = write_tiny_checkpoint(args.dir, seed=args.seed, answer=args.answer, arch=args.arch)
     rigged = "" if args.answer is None else f", rigged to answer {args.answer!r}"
-    print(f"wrote tiny random-weight Qwen3-VL checkpoint to {out}{rigged}")
+    print(f"wrote tiny random-weight {args.arch} checkpoint to {out}{rigged}")
     return 0

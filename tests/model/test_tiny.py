@@ -165,17 +165,30 @@ def test_cli_bad_output_paths_and_seeds_exit_2(tmp_path, capsys, monkeypatch):
 def test_rigged_answer_reaches_the_point_parser(tmp_path, corpus_dir):
     from pixelprune.model.engine import GroundingEngine, ModelSpec, PruneSettings
 
-    out = write_tiny_checkpoint(tmp_path / "rigged", seed=0, answer="(642, 318)")
-    assert "(642, 318)" in (out / "README.md").read_text()
-    engine = GroundingEngine.load(ModelSpec(model=str(out), max_new_tokens=12))
+    out = write_tiny_checkpoint(tmp_path / "rigged", seed=0, answer='{"point_2d": [642, 318]}')
+    assert '{"point_2d": [642, 318]}' in (out / "README.md").read_text()
+    engine = GroundingEngine.load(ModelSpec(model=str(out), max_new_tokens=24))
     with Image.open(corpus_dir / "web_python_tutorial_classes_1920x1080.png") as img:
         shot = np.asarray(img.convert("RGB"))[:300, :500].copy()
     result = engine.ground(engine.prepare(shot, PruneSettings()), "anything")
-    assert result.raw_text == "(642, 318)"
-    assert result.point == pytest.approx((0.642 * 500, 0.318 * 300))
+    assert result.raw_text == '{"point_2d": [642, 318]}'
+    assert result.point == (0.642 * 500, 0.318 * 300)
     assert engine.is_random_weights
 
 
-def test_rigged_answer_needs_distinct_tokens(tmp_path):
-    with pytest.raises(ValueError, match="distinct tokens"):
-        write_tiny_checkpoint(tmp_path / "bad", answer="(500, 500)")
+def test_cli_writes_the_moe_architecture(tmp_path, capsys):
+    assert main(["tiny-checkpoint", str(tmp_path / "moe"), "--arch", "qwen3_vl_moe", "--answer", "[5, 5]"]) == 0
+    assert "qwen3_vl_moe" in capsys.readouterr().out
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3VLMoeForConditionalGeneration"] and config["model_type"] == "qwen3_vl_moe"
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "moe")
+    assert type(model).__name__ == "Qwen3VLMoeForConditionalGeneration"
+    text = model.config.text_config
+    assert (text.num_experts, text.num_experts_per_tok, text.moe_intermediate_size) == (8, 2, 128)
+    assert "Mixture of experts" in (tmp_path / "moe" / "README.md").read_text()
+    with pytest.raises(SystemExit) as exited:  # argparse's own one-line usage error
+        main(["tiny-checkpoint", str(tmp_path / "x"), "--arch", "llama"])
+    assert exited.value.code == 2 and "invalid choice: 'llama'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown architecture 'llama'; expected one of qwen3_vl, qwen3_vl_moe"):
+        write_tiny_checkpoint(tmp_path / "x", arch="llama")
+    assert not (tmp_path / "x").exists()

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from pixelprune.points import (
     DEFAULT_GROUNDING_PROMPT,
     PointResult,
+    answer_text,
     grounding_prompt,
     normalize_point,
     parse_point,
@@ -123,3 +124,32 @@ def test_mapping_back_through_resize_of_a_phone_screenshot():
         expected = to_original(xr, yr, original_size=original, resized_size=resized)
         got = point_to_pixels((xr / resized[0] * 1000, yr / resized[1] * 1000), original)
         assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_bounds_choose_the_coordinate_space():
+    """0..1000 by default; other spaces pass their own largest x and y."""
+    assert parse_point("(999, 999)", bounds=(999.0, 999.0)) == PointResult(999, 999, "pair")
+    assert parse_point("(1000, 5)", bounds=(999.0, 999.0)) is None
+    assert parse_point("[1500, 20]", bounds=(1920.0, 1088.0)) == PointResult(1500, 20, "pair")
+    assert parse_point("[1500, 20]") is None
+    assert parse_point("[100, 200, 1900, 1000]", bounds=(1920.0, 1088.0)) == PointResult(1000, 600, "bbox")
+    assert parse_point("[100, 200, 1900, 1100]", bounds=(1920.0, 1088.0)) is None  # y2 beyond the height
+
+
+def test_tool_calls_and_point_fields():
+    call = ('<tool_call>\n{"name": "computer_use", "arguments": {"action": "left_click", "coordinate": [642, 318]}}'
+            "\n</tool_call>")
+    assert parse_point(call) == PointResult(642, 318, "json_point")
+    assert parse_point('{"name": "x", "arguments": {"action": "wait"}}') is None
+    assert parse_point("explain:点击\taction:CLICK\tpoint:642,318\tsummary:done") == PointResult(642, 318, "key_point")
+    assert parse_point("point: (12 34)") == PointResult(12, 34, "key_point")
+
+
+def test_answer_text_drops_reasoning():
+    assert answer_text("<think>maybe (1, 2)</think>\n(642, 318)") == "\n(642, 318)"
+    assert answer_text("reasoning (1, 2)</think>(3, 4)") == "(3, 4)"  # the template opened the block
+    assert answer_text("<grounding_think>still at (1, 2)") == ""
+    assert answer_text("<THINK> a </THINK>\npoint:1,2") == "\npoint:1,2"
+    assert answer_text("point:642,31", partial=True) == "point:642,"
+    assert answer_text("(642, 318)", partial=True) == "(642, 318)"
+    assert answer_text(None) == ""

@@ -125,9 +125,10 @@ class SlowSteps:
         self._engine, self.seconds, self.steps = engine, seconds, 0
 
     def step(self, on_step=None):
-        time.sleep(self.seconds)
+        ended = self._engine.step(on_step)
         self.steps += 1
-        return self._engine.step(on_step)
+        time.sleep(self.seconds)
+        return ended
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
@@ -140,12 +141,14 @@ def test_deadline_and_cancellation_remove_sequences_from_the_batch(engine, crops
     try:
         prepared = [fresh.prepare(c, PruneSettings()) for c in crops[:3]]
         alone = fresh.ground(prepared[0], "Open the menu", max_new_tokens=6)
-        active = [True]
+        active, release = [True], threading.Event()
+        loop.call(lambda: release.wait(10))  # the three join one step
         keep = loop.submit(fresh.sequence(GroundRequest(prepared[0], "Open the menu", max_new_tokens=6)))
         late = loop.submit(fresh.sequence(GroundRequest(prepared[1], "x", max_new_tokens=6),
-                                          deadline=time.monotonic() + 0.15))
+                                          deadline=time.monotonic() + 0.15))  # passes during its first slow step
         gone = loop.submit(fresh.sequence(GroundRequest(prepared[2], "y", max_new_tokens=6),
                                           is_active=lambda: active[0]))
+        release.set()
         threading.Timer(0.05, lambda: active.__setitem__(0, False)).start()
         assert late.result(30).status is Status.EXPIRED and late.result().tokens  # it had started
         assert gone.result(30).status is Status.CANCELLED
