@@ -57,6 +57,11 @@ class ServiceConfig:
     stream_idle_timeout_s: float = 60.0  # a stream with no frame for this long (nothing pending) is closed; 0 = never
     health_port: int = 0  # plaintext grpc.health.v1 server outside --max-concurrent-rpcs (0 = any free port, -1 = off)
     drain_delay_s: float = 5.0  # on SIGTERM: seconds of NOT_SERVING while still serving, before the drain grace
+    # --- streams that cannot take the server ---
+    stream_first_frame_timeout_s: float = 5.0  # a stream with no first frame this long is closed; 0 = never
+    max_open_streams: int = 192  # open streams of the server; < max_concurrent_rpcs, so unary calls keep slots
+    max_streams_per_tenant: int = 64  # open streams of one tenant (with --auth-token-file); 0 = no limit
+    max_streams_per_peer: int = 64  # open streams of one peer address (without auth); 0 = no limit
 
     def validate(self) -> "ServiceConfig":
         """Raise ValueError (one line) for a setting that cannot work; return self."""
@@ -105,6 +110,13 @@ class ServiceConfig:
             (self.health_port <= 0 or self.health_port not in (self.port, self.metrics_port),
              f"--health-port {self.health_port} is already the gRPC or metrics port"),
             (self.drain_delay_s >= 0 and math.isfinite(self.drain_delay_s), "--drain-delay-s must be >= 0"),
+            (self.stream_first_frame_timeout_s >= 0 and math.isfinite(self.stream_first_frame_timeout_s),
+             "--stream-first-frame-timeout-s must be >= 0 (0 = never)"),
+            (1 <= self.max_open_streams < self.max_concurrent_rpcs,
+             f"--max-open-streams ({self.max_open_streams}) must be >= 1 and below --max-concurrent-rpcs "
+             f"({self.max_concurrent_rpcs}), so that streams never hold every slot unary calls need"),
+            (self.max_streams_per_tenant >= 0, "--max-streams-per-tenant must be >= 0 (0 = no limit)"),
+            (self.max_streams_per_peer >= 0, "--max-streams-per-peer must be >= 0 (0 = no limit)"),
         ]
 
     def auth_tenants(self) -> dict[str, str] | None:
@@ -116,6 +128,7 @@ class ServiceConfig:
 
 
 TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+COMMENT = re.compile(r"(^|\s)#.*")  # a token file comment: # at the start of a line or after a space
 
 
 def bare_token_tenant(token: str) -> str:
@@ -127,25 +140,28 @@ def bare_token_tenant(token: str) -> str:
 
 def parse_token_file(text: str, path: str = "--auth-token-file") -> dict[str, str]:
     """token -> tenant. Either one bare token (the whole file; tenant `bare_token_tenant`), or one
-    `TENANT TOKEN` pair per line (blank lines and lines starting with # ignored; a tenant
-    may have several tokens, e.g. while rotating; a token belongs to one tenant)."""
-    lines = [line.split() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not lines:
+    `TENANT TOKEN` pair per line. A `#` at the start of a line or after a space starts a comment
+    (to the end of the line; a # inside a token is part of it); blank lines are ignored. A tenant
+    may have several tokens (e.g. while rotating); a token belongs to one tenant. Errors name the
+    file's line number."""
+    entries = [(number, fields) for number, line in enumerate(text.splitlines(), start=1)
+               if (fields := COMMENT.sub("", line).split())]
+    if not entries:
         raise ValueError(f"--auth-token-file {path} is empty")
-    if len(lines) == 1 and len(lines[0]) == 1:
-        return {lines[0][0]: bare_token_tenant(lines[0][0])}
+    if len(entries) == 1 and len(entries[0][1]) == 1:
+        token = entries[0][1][0]
+        return {token: bare_token_tenant(token)}
     tenants: dict[str, str] = {}
-    for number, fields in enumerate(lines, start=1):
+    for number, fields in entries:
+        where = f"--auth-token-file {path} line {number}"
         if len(fields) != 2:
-            raise ValueError(f"--auth-token-file {path}: entry {number} must be `TENANT TOKEN`, got {len(fields)} "
+            raise ValueError(f"{where}: must be `TENANT TOKEN` (then an optional # comment), got {len(fields)} "
                              f"field(s)")
         tenant, token = fields
         if not TENANT_NAME.fullmatch(tenant):
-            raise ValueError(f"--auth-token-file {path}: tenant {tenant!r} must be 1..64 characters of "
-                             f"[A-Za-z0-9._-]")
+            raise ValueError(f"{where}: tenant {tenant!r} must be 1..64 characters of [A-Za-z0-9._-]")
         if token in tenants:
-            raise ValueError(f"--auth-token-file {path}: a token is listed twice (tenants {tenants[token]!r} and "
-                             f"{tenant!r})")
+            raise ValueError(f"{where}: a token is listed twice (tenants {tenants[token]!r} and {tenant!r})")
         tenants[token] = tenant
     return tenants
 
@@ -197,9 +213,17 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
      "decoded pixels of the images in flight across all RPCs (size from the pod's memory, see README)"),
     ("max_instruction_tokens", "--max-instruction-tokens", int, "longest instruction, tokens"),
     ("stream_idle_timeout_s", "--stream-idle-timeout-s", float,
-     "close a stream that sends no frame this long (0 = never)"),
+     "close a stream that sends no frame, or leaves an answer unread, this long (0 = never)"),
     ("health_port", "--health-port", int, "plaintext health server outside the RPC limit (0 = any, -1 = off)"),
     ("drain_delay_s", "--drain-delay-s", float, "seconds of NOT_SERVING on SIGTERM before stopping the listener"),
+    # --- streams that cannot take the server ---
+    ("stream_first_frame_timeout_s", "--stream-first-frame-timeout-s", float,
+     "close a stream that sends no first frame this long (0 = never)"),
+    ("max_open_streams", "--max-open-streams", int,
+     "open streams at a time, below --max-concurrent-rpcs (more are refused: RESOURCE_EXHAUSTED)"),
+    ("max_streams_per_tenant", "--max-streams-per-tenant", int, "open streams of one tenant (0 = no limit)"),
+    ("max_streams_per_peer", "--max-streams-per-peer", int,
+     "open streams of one peer address when auth is off (0 = no limit)"),
 ]
 # On/off switches: (field, flag, help); PIXELPRUNE_<FLAG> takes true/false.
 _SWITCHES: list[tuple[str, str, str]] = [
