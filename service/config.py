@@ -51,14 +51,14 @@ class ServiceConfig:
     no_cuda_graphs: bool = False  # decode eagerly on CUDA (no graph capture)
     stop_after_point: bool = False  # end an answer as soon as it holds a closed point
     prefix_cache_bytes: int = 1024 * MIB  # device bytes of cached prompt prefixes (LRU; 0 = off)
-    # --- hardening (issue 11) ---
+    # --- hardening ---
     max_inflight_pixels: int = 50_000_000  # decoded pixels (width*height) of the images in flight, all RPCs together
     max_instruction_tokens: int = 512  # longest instruction accepted (tokens, special tokens counted as text)
     stream_idle_timeout_s: float = 60.0  # a stream with no frame for this long (nothing pending) is closed; 0 = never
     health_port: int = 0  # plaintext grpc.health.v1 server outside --max-concurrent-rpcs (0 = any free port, -1 = off)
     drain_delay_s: float = 5.0  # on SIGTERM: seconds of NOT_SERVING while still serving, before the drain grace
     # --- streams that cannot take the server ---
-    stream_first_frame_timeout_s: float = 5.0  # a stream with no first frame this long is closed; 0 = never
+    stream_first_frame_timeout_s: float = 5.0  # a stream with no first frame this long is closed; 0 = idle timeout
     max_open_streams: int = 192  # open streams of the server; < max_concurrent_rpcs, so unary calls keep slots
     max_streams_per_tenant: int = 64  # open streams of one tenant (with --auth-token-file); 0 = no limit
     max_streams_per_peer: int = 64  # open streams of one peer address (without auth); 0 = no limit
@@ -111,7 +111,7 @@ class ServiceConfig:
              f"--health-port {self.health_port} is already the gRPC or metrics port"),
             (self.drain_delay_s >= 0 and math.isfinite(self.drain_delay_s), "--drain-delay-s must be >= 0"),
             (self.stream_first_frame_timeout_s >= 0 and math.isfinite(self.stream_first_frame_timeout_s),
-             "--stream-first-frame-timeout-s must be >= 0 (0 = never)"),
+             "--stream-first-frame-timeout-s must be >= 0 (0 = the idle timeout applies)"),
             (1 <= self.max_open_streams < self.max_concurrent_rpcs,
              f"--max-open-streams ({self.max_open_streams}) must be >= 1 and below --max-concurrent-rpcs "
              f"({self.max_concurrent_rpcs}), so that streams never hold every slot unary calls need"),
@@ -208,7 +208,7 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("max_batch_size", "--max-batch-size", int, "sequences decoded together"),
     ("max_batch_tokens", "--max-batch-tokens", int, "KV-cache positions of the batch (rows x longest sequence)"),
     ("prefix_cache_bytes", "--prefix-cache-bytes", int, "device bytes of cached prompt prefixes (0 = off)"),
-    # --- hardening (issue 11) ---
+    # --- hardening ---
     ("max_inflight_pixels", "--max-inflight-pixels", int,
      "decoded pixels of the images in flight across all RPCs (size from the pod's memory, see README)"),
     ("max_instruction_tokens", "--max-instruction-tokens", int, "longest instruction, tokens"),
@@ -218,7 +218,7 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("drain_delay_s", "--drain-delay-s", float, "seconds of NOT_SERVING on SIGTERM before stopping the listener"),
     # --- streams that cannot take the server ---
     ("stream_first_frame_timeout_s", "--stream-first-frame-timeout-s", float,
-     "close a stream that sends no first frame this long (0 = never)"),
+     "close a stream that sends no first frame this long (0 = the idle timeout applies)"),
     ("max_open_streams", "--max-open-streams", int,
      "open streams at a time, below --max-concurrent-rpcs (more are refused: RESOURCE_EXHAUSTED)"),
     ("max_streams_per_tenant", "--max-streams-per-tenant", int, "open streams of one tenant (0 = no limit)"),

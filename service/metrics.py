@@ -83,7 +83,7 @@ class ServiceMetrics:
         self._add_hardening_metrics(r)
 
     def _add_hardening_metrics(self, r: CollectorRegistry) -> None:
-        """Streams per frame, admission, and every rpc x code series from the start (issue 11)."""
+        """Streams per frame, admission, and every rpc x code series from the start."""
         disable_created_metrics()  # no `*_created` series (process-wide prometheus_client setting)
         self.stream_frame_duration = Histogram(
             "pixelprune_stream_frame_duration_seconds",

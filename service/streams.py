@@ -8,9 +8,10 @@ unanswered when the stream ends (an error, the server draining or stopping) are
 counted by `abandon()`; the servicer sends that count in the trailing metadata
 key SKIPPED_FRAMES_KEY.
 
-Clocks: a stream must send its first frame within `first_frame_timeout_s`; after
-that, while the slot is empty and no frame of the stream is being answered, it
-may stay silent for at most `idle_timeout_s`; then `take` raises StreamIdle
+Clocks: a stream must send its first frame within `first_frame_timeout_s` (0: the
+idle timeout applies from the start); after that, while the slot is empty and no
+frame of the stream is being answered, it may stay silent for at most
+`idle_timeout_s`; then `take` raises StreamIdle
 (DEADLINE_EXCEEDED), which ends the call and frees its thread. The idle clock also
 runs while an answer waits to be *sent* (a client that stops reading fills its
 HTTP/2 window and gRPC's send blocks the RPC's thread): the registry's watchdog
@@ -89,7 +90,7 @@ class NewestFrame:
             self._last_activity = self._clock()
 
     def _wait(self) -> None:
-        first = not self._received
+        first = not self._received and self._first_frame_timeout_s > 0  # 0: the idle clock from the start
         timeout = self._first_frame_timeout_s if first else self._idle_timeout_s
         if timeout <= 0:
             self._cond.wait()
@@ -129,7 +130,7 @@ class StreamLimits:
     per_tenant: int = 0  # open streams of one tenant, with auth (0 = no limit)
     per_peer: int = 0  # open streams of one peer address, without auth (0 = no limit)
     idle_timeout_s: float = 0.0  # silence, or a blocked send, allowed after the first frame (0 = forever)
-    first_frame_timeout_s: float = 0.0  # time allowed before the first frame (0 = forever)
+    first_frame_timeout_s: float = 0.0  # time allowed before the first frame (0 = the idle timeout)
 
 
 def peer_address(peer: str) -> str:

@@ -95,7 +95,7 @@ class FrameFeed:
 
 
 def jpeg_bomb(width: int = 7071, height: int = 7071) -> bytes:
-    """The 641-byte JPEG of issue 11: a real 8x8 JPEG's headers with the frame size set to
+    """The 641-byte JPEG bomb: a real 8x8 JPEG's headers with the frame size set to
     width x height, then 16 zero bytes of scan data and the end marker. Pillow decodes it to
     width x height pixels (the missing data as grey)."""
     data = jpeg_bytes(np.full((8, 8, 3), 128, np.uint8), quality=50)

@@ -204,3 +204,10 @@ def test_the_service_sees_16_bit_and_rotated_screens_as_a_viewer_does(make_serve
     assert (answer.image_width, answer.image_height) == (320, 480)
     if answer.found:
         assert 0 <= answer.point.x <= 320 and 0 <= answer.point.y <= 480
+
+
+def test_the_proto_states_the_scan_limit_and_exif_behaviour():
+    from pathlib import Path
+
+    proto = (Path(__file__).resolve().parents[2] / "proto/pixelprune/grounding/v1/grounding.proto").read_text()
+    assert f"A JPEG of more than {MAX_JPEG_SCANS} scans" in proto and "EXIF orientation" in proto

@@ -153,6 +153,11 @@ def test_newest_frame_slot_first_frame_clock():
     with pytest.raises(StreamIdle, match="no frame for 5 s"):
         slot.take()
     assert waits == [2.0, 5.0] and slot.timed_out == "idle"
+    slot = NewestFrame(idle_timeout_s=5.0, clock=lambda: now[0], first_frame_timeout_s=0.0)  # 0: the idle clock
+    slot._cond.wait = lambda timeout=None: (waits.append(timeout), now.__setitem__(0, now[0] + timeout))
+    with pytest.raises(StreamIdle, match="no frame for 5 s"):
+        slot.take()
+    assert waits == [2.0, 5.0, 5.0]
 
 
 def test_newest_frame_slot_idle_clock():
