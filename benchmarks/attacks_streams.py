@@ -9,8 +9,8 @@
   --max-streams-per-peer 0; the streams' codes, health, Ground while they are open, and
   when the last is closed.
 - send_blocked: a client with a 1 KiB HTTP/2 window sends a frame every 20 ms and reads no
-  answer, against --stream-idle-timeout-s 5; how long after the last answer that went out
-  (the send blocks from then on) the server closes the stream.
+  answer, against --stream-idle-timeout-s 5; how long the server's send was blocked when
+  it closed the stream (its log line).
 - drain_streams: 32 streams at 2 fps; SIGTERM (--drain-delay-s 2, --drain-grace-s 30); the
   time to exit, the streams' codes and trailers, and the drain log line.
 """
@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import io
+import re
 import signal
 import threading
 import time
@@ -100,14 +101,15 @@ def give_up(model: str, args) -> dict:
         deadline = time.monotonic() + 60
         while scrape(server.metrics_port)["pixelprune_open_streams"] and time.monotonic() < deadline:
             time.sleep(0.1)
+        open_after = scrape(server.metrics_port)["pixelprune_open_streams"]
         request = pb.GroundRequest(image=pb.Image(encoded=SCREENSHOT.read_bytes()), instruction="the terminal window")
         after = Counter(code_of(lambda: server.stub().Ground(request, timeout=60)) for _ in range(10))
         fresh = server.stub().GroundStream(iter([pb.Frame(image=request.image, instruction="x", sequence=1)]),
                                            timeout=60)
         return {"streams": "64 at 4 fps, 16 cancelled at half time", "stream_codes": dict(Counter(
                     s.code for s in streams)), "answers": sum(s.answers for s in streams),
-                "open_streams_after": scrape(server.metrics_port)["pixelprune_open_streams"],
-                "then_ground_codes": dict(after), "then_new_stream": code_of(lambda: list(fresh))}
+                "open_streams_after": int(open_after), "then_ground_codes": dict(after),
+                "then_new_stream": code_of(lambda: list(fresh))}
     finally:
         server.stop()
 
@@ -201,21 +203,18 @@ def send_blocked(model: str, args) -> dict:
 
     try:
         call = server.stub(channel).GroundStream(frames(), timeout=600)
-        started = last_answer_at = time.monotonic()
-        answered, closed = 0, None
-        while time.monotonic() - started < 120:
+        started, closed = time.monotonic(), None
+        while time.monotonic() - started < 120 and closed is None:
             samples = scrape(server.metrics_port)
-            if samples["pixelprune_stream_frame_duration_seconds_count{code=OK}"] > answered:
-                answered, last_answer_at = samples["pixelprune_stream_frame_duration_seconds_count{code=OK}"], \
-                    time.monotonic()
             if samples["pixelprune_streams_closed_by_server_total{reason=send_timeout}"]:
-                closed = time.monotonic()
-                break
+                closed = time.monotonic() - started
             time.sleep(0.05)
         stop.set()
+        blocked = re.search(r"could not be sent for ([0-9.]+) s", server.log_text())
+        answered = samples["pixelprune_stream_frame_duration_seconds_count{code=OK}"]
         return {"idle_timeout_s": 5, "answers_sent": int(answered),
-                "blocked_until_closed_s": None if closed is None else round(closed - last_answer_at, 1),
-                "client_sees": code_of(lambda: list(call))}
+                "closed_after_open_s": None if closed is None else round(closed, 1),
+                "send_blocked_for_s": blocked and float(blocked.group(1)), "client_sees": code_of(lambda: list(call))}
     finally:
         stop.set()
         channel.close()

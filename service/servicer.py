@@ -196,6 +196,8 @@ class GroundingServicer(pb_grpc.GroundingServicer):
                     break
                 with stream.sending():  # gRPC sends during the yield; the watchdog times a blocked send
                     yield to_pb(answer, skipped_frames=skipped, sequence=pending.sequence)
+                if not context.is_active():  # cancelled while the answer waited to be sent
+                    break
                 slot.answered()
         finally:
             self.streams.close(stream)
@@ -217,13 +219,9 @@ class GroundingServicer(pb_grpc.GroundingServicer):
             with self.admission.admit(pending.query.image, wait_while=wanted):
                 answer = self.grounder.ground(pending.query, deadline=deadline_of(context),
                                               is_active=context.is_active, wait_while=wanted)
-        except QueueFull:
-            if self.streams.draining and context.is_active():
-                return None
-            self.metrics.record_stream_frame(outcome(context, "RESOURCE_EXHAUSTED"),
-                                             time.perf_counter() - pending.arrival)
-            raise
         except Exception as exc:
+            if isinstance(exc, QueueFull) and self.streams.draining and context.is_active():
+                return None  # gave up waiting for room because the server drains: left unanswered
             code = outcome(context, status_of(exc)[0].name)
             self.metrics.record_stream_frame(code, time.perf_counter() - pending.arrival)
             raise

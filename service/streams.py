@@ -235,13 +235,13 @@ class StreamRegistry:
             return 0
         now = self._clock()
         with self._lock:
-            stuck = [s for s in self._streams
-                     if s.closed_for is None and s.sending_since is not None and now - s.sending_since > timeout]
-            for stream in stuck:
+            stuck = [(s, now - since) for s in self._streams  # sending_since read once: its thread may clear it
+                     if s.closed_for is None and (since := s.sending_since) is not None and now - since > timeout]
+            for stream, _ in stuck:
                 stream.closed_for = "send_timeout"
-        for stream in stuck:
-            log.warning("stream of %s %s closed: its answer could not be sent for %g s (the client does not read; "
-                        "--stream-idle-timeout-s)", stream.key[0], stream.key[1], timeout)
+        for stream, blocked_s in stuck:
+            log.warning("stream of %s %s closed: its answer could not be sent for %.1f s (the client does not "
+                        "read; --stream-idle-timeout-s %g)", stream.key[0], stream.key[1], blocked_s, timeout)
             self._on_closed("send_timeout")
             stream.cancel()
         return len(stuck)
@@ -266,7 +266,10 @@ class StreamRegistry:
 
         def watch() -> None:
             while not self._stop.wait(period):
-                self.sweep()
+                try:
+                    self.sweep()
+                except Exception:  # noqa: BLE001 - the watchdog must outlive a bug in one sweep
+                    log.exception("stream watchdog: sweep failed")
 
         self._watchdog = threading.Thread(target=watch, name="pixelprune-stream-watchdog", daemon=True)
         self._watchdog.start()
