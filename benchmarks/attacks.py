@@ -1,10 +1,10 @@
-"""The attacks of issue 11 against a real `pixelprune serve`, with their numbers.
+"""Attacks on a real `pixelprune serve`, with their numbers (BENCHMARKS.md, "Hostile input").
 
-    python -m benchmarks.attacks [bombs fuzz idle tenants drain prometheus] [--fuzz 10000]
+    python -m benchmarks.attacks [ATTACK ...] [--fuzz 10000] [--rounds 2] [--seconds 20]
 
 Each attack starts its own server in a subprocess on 127.0.0.1 with the tiny
 RANDOM-WEIGHT checkpoint (nothing is downloaded; the answers mean nothing) and
-prints what the issue's goals ask for:
+prints one JSON line. Here:
 
 - bombs: idle RSS, then 16 concurrent 7000x7000 PNGs (RGB, then RGBA) and 16
   concurrent 641-byte JPEG bombs; peak RSS above idle (VmRSS sampled every 20 ms)
@@ -12,14 +12,16 @@ prints what the issue's goals ask for:
 - fuzz: N requests (random bytes, mutated messages, bad images, control tokens,
   emoji floods, bad pruning, malformed stream frames) from 8 threads; status
   codes, tracebacks in the server log, and the server's own count of them.
-- idle: --max-concurrent-rpcs silent streams; health on the health port, then
-  how long until every stream is closed.
 - tenants: two servers with different tokens on one Redis, 50 shared session
   ids; cache hits, changed fractions and overwrites across tenants; and one server
   with two tenants probing each other's screenshots (vision_cache_hit).
 - drain: SIGTERM; how long a probe of the main port sees NOT_SERVING.
 - prometheus: a fresh Prometheus scraping a fresh server every second; a burst of
   RESOURCE_EXHAUSTED, then what `increase()` reports.
+
+and in benchmarks/attacks_input.py (scan_bomb, interrupt, unauth, png16) and
+benchmarks/attacks_streams.py (give_up, unary_vs_streams, idle, send_blocked,
+drain_streams), described there.
 """
 
 from __future__ import annotations
@@ -30,11 +32,9 @@ import json
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -42,85 +42,13 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "service"))
+from benchmarks import attacks_input, attacks_streams  # noqa: E402
+from benchmarks.attack_server import NOT_SERVING, SCREENSHOT, SERVING, PeakRss, Server, code_of, free_port  # noqa: E402
 from pixelprune_api.grounding.v1 import grounding_pb2 as pb  # noqa: E402
-from pixelprune_api.grounding.v1 import grounding_pb2_grpc as pb_grpc  # noqa: E402
 from service_testlib import jpeg_bomb, png_bytes, raw_image, scrape  # noqa: E402
-
-SCREENSHOT = ROOT / "tests" / "data" / "corpus" / "desktop_pcmanfm_xterm_mousepad_1920x1080.png"
-SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
-class Server:
-    """`pixelprune serve` in a subprocess; its log in a temp file."""
-
-    def __init__(self, model: str, *flags: str):
-        self.port, self.metrics_port, self.health_port = free_port(), free_port(), free_port()
-        flags = ("--health-port", str(self.health_port), *flags)
-        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pixelprune.cli", "serve", "--model", model, "--host", "127.0.0.1", "--device",
-             "cpu", "--port", str(self.port), "--metrics-port", str(self.metrics_port), *flags],
-            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-        self.channel = self.open_channel()
-        deadline = time.monotonic() + 300
-        while self.health(self.health_port) != SERVING:
-            assert time.monotonic() < deadline and self.proc.poll() is None, "server did not start"
-            time.sleep(0.2)
-
-    def open_channel(self, port: int | None = None) -> grpc.Channel:
-        return grpc.insecure_channel(f"127.0.0.1:{port or self.port}",
-                                     options=[("grpc.max_send_message_length", 64 << 20)])
-
-    def health(self, port: int):
-        with self.open_channel(port) as channel:
-            try:
-                return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
-            except grpc.RpcError as exc:
-                return exc.code()
-
-    def stub(self):
-        return pb_grpc.GroundingStub(self.channel)
-
-    def log_text(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text()
-
-    def stop(self):
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=120)
-
-
-def status_name(status) -> str:
-    """A health answer (a ServingStatus value) or a gRPC status code, by name."""
-    return getattr(status, "name", None) or health_pb2.HealthCheckResponse.ServingStatus.Name(status)
-
-
-def code_of(fn) -> str:
-    try:
-        fn()
-        return "OK"
-    except grpc.RpcError as exc:
-        return exc.code().name
 
 
 def big_png(alpha: bool) -> bytes:
@@ -136,33 +64,25 @@ def big_png(alpha: bool) -> bytes:
 
 def attack_rss(server: Server, data: bytes, count: int = 16) -> dict:
     """`count` concurrent Ground calls with `data`; peak RSS above the idle RSS and the codes."""
-    idle, peak, done = rss_mb(server.proc.pid), [0.0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_mb(server.proc.pid))
-            time.sleep(0.02)
-
-    threading.Thread(target=sample, daemon=True).start()
+    idle = server.rss_mb()
     request = pb.GroundRequest(image=pb.Image(encoded=data), instruction="the terminal window")
-    with ThreadPoolExecutor(count) as pool:
+    with PeakRss(server.proc.pid) as peak, ThreadPoolExecutor(count) as pool:
         codes = Counter(pool.map(lambda _: code_of(lambda: server.stub().Ground(request, timeout=600)),
                                  range(count)))
-    done.set()
-    return {"bytes": len(data), "idle_rss_mb": round(idle), "peak_above_idle_mb": round(peak[0] - idle),
+    return {"bytes": len(data), "idle_rss_mb": round(idle), "peak_above_idle_mb": round(peak.mb - idle),
             "codes": dict(codes)}
 
 
 def bombs(model: str, args) -> dict:
     server = Server(model)
     try:
-        first_idle = rss_mb(server.proc.pid)
+        first_idle = server.rss_mb()
         rgb, rgba = big_png(False), big_png(True)
         out = {f"round_{k}": {"rgb_7000x7000_png": attack_rss(server, rgb), "rgba_7000x7000_png": attack_rss(
             server, rgba), "jpeg_bomb_641_bytes": attack_rss(server, jpeg_bomb())} for k in range(args.rounds)}
         peaks = [r["idle_rss_mb"] + r["peak_above_idle_mb"] for rnd in out.values() for r in rnd.values()]
         out.update(first_idle_rss_mb=round(first_idle), max_rss_above_first_idle_mb=round(max(peaks) - first_idle),
-                   idle_rss_after_mb=round(rss_mb(server.proc.pid)),
+                   idle_rss_after_mb=round(server.rss_mb()),
                    alive=server.proc.poll() is None and server.health(server.health_port) == SERVING)
         return out
     finally:
@@ -221,29 +141,6 @@ def fuzz(model: str, args) -> dict:
         return {"requests": args.fuzz, "codes": dict(codes), "counted_by_server": int(counted),
                 "tracebacks_in_log": log.count("Traceback"), "error_lines_in_log": log.count(" ERROR "),
                 "alive": server.proc.poll() is None}
-    finally:
-        server.stop()
-
-
-def idle(model: str, args) -> dict:
-    limit = 256
-    server = Server(model, "--max-concurrent-rpcs", str(limit), "--stream-idle-timeout-s", "5")
-    try:
-        gates = [threading.Event() for _ in range(limit)]
-        calls = [server.stub().GroundStream(iter(gate.wait, True), timeout=120) for gate in gates]
-        time.sleep(2.0)
-        main_health = server.health(server.port)
-        health_port = server.health(server.health_port)
-        opened = time.monotonic()
-        codes = Counter(code_of(lambda c=call: list(c)) for call in calls)
-        closed_after = time.monotonic() - opened + 2.0
-        for gate in gates:
-            gate.set()
-        after = code_of(lambda: server.stub().Ground(pb.GroundRequest(
-            image=pb.Image(encoded=SCREENSHOT.read_bytes()), instruction="x"), timeout=120))
-        return {"silent_streams": limit, "main_port_health": status_name(main_health),
-                "health_port": status_name(health_port),
-                "stream_codes": dict(codes), "all_closed_after_s": round(closed_after, 1), "then_ground": after}
     finally:
         server.stop()
 
@@ -331,7 +228,8 @@ def prometheus(model: str, args) -> dict:
         server.stop()
 
 
-ATTACKS = {"bombs": bombs, "fuzz": fuzz, "idle": idle, "tenants": tenants, "drain": drain, "prometheus": prometheus}
+ATTACKS = {"bombs": bombs, "fuzz": fuzz, "tenants": tenants, "drain": drain, "prometheus": prometheus,
+           **attacks_input.ATTACKS, **attacks_streams.ATTACKS}
 
 
 def main(argv=None) -> int:
@@ -339,6 +237,8 @@ def main(argv=None) -> int:
     parser.add_argument("attacks", nargs="*", metavar="ATTACK", help=f"any of {', '.join(ATTACKS)} (default: all)")
     parser.add_argument("--fuzz", type=int, default=10_000, help="fuzzed requests")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the three bomb attacks")
+    parser.add_argument("--seconds", type=float, default=20.0,
+                        help="duration of scan_bomb, give_up and unary_vs_streams, seconds")
     args = parser.parse_args(argv)
     unknown = set(args.attacks) - set(ATTACKS)
     if unknown:

@@ -31,6 +31,7 @@ IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
 ROW_SIZE = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE  # 1536 floats per pixel_values row
 _CHUNK_BLOCKS = 64  # blocks normalised at a time in kept_pixel_values
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's 16/32-bit greyscale modes
 
 
 def smart_resize(height: int, width: int, factor: int = BLOCK_SIZE,
@@ -59,13 +60,22 @@ def smart_resize(height: int, width: int, factor: int = BLOCK_SIZE,
 
 
 def to_rgb_array(image) -> np.ndarray:
-    """uint8 (H, W, 3) from a PIL image (alpha composited on white, like the
-    processor's convert_to_rgb) or from a uint8 (H, W, 3) array. The one conversion
-    the library, the service and the client share, so a screenshot gives the same
-    pixels whichever way it travels."""
+    """uint8 (H, W, 3) from a PIL image or from a uint8 (H, W, 3) array: the picture a viewer
+    shows, converted by meaning, never by clipping. The one conversion the library, the service
+    and the client share, so a screenshot gives the same pixels whichever way it travels.
+
+    16-bit greyscale (I;16, I;16L, I;16B, I;16N, and I, which holds 16-bit PNGs in some Pillow
+    versions) is scaled to 8 bits (v * 255 / 65535, rounded); Pillow reads 16-bit RGB, RGBA and LA
+    PNGs as their high bytes. Alpha (RGBA, LA, PA, a palette or grey value marked transparent) is
+    composited on white, like the processor's convert_to_rgb. CMYK becomes (255 - C)(255 - K) / 255
+    per channel (Pillow's conversion; Pillow reads CMYK JPEGs as Adobe's inverted CMYK, with or
+    without the Adobe marker, as browsers do). EXIF orientation is not applied here: it belongs to
+    the file (service/images.py)."""
     if isinstance(image, Image.Image):
         if image.mode == "RGB":
             return np.asarray(image)  # no convert(): it would copy the pixels once more
+        if image.mode in _WIDE_GREY_MODES:
+            return _wide_grey_to_rgb(image)
         has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
         if has_alpha:
             rgba = image.convert("RGBA")
@@ -73,6 +83,17 @@ def to_rgb_array(image) -> np.ndarray:
             image = Image.alpha_composite(white, rgba)
         return np.asarray(image.convert("RGB"))
     return check_pixels(image)
+
+
+def _wide_grey_to_rgb(image) -> np.ndarray:
+    """16-bit (or 32-bit integer, read as 16-bit) greyscale -> uint8 (H, W, 3), scaled with
+    rounding; the grey value a tRNS chunk marks transparent becomes white (composited on white)."""
+    values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+    grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, int):
+        grey[values == transparent] = 255
+    return np.repeat(grey[:, :, None], 3, axis=2)
 
 
 def check_pixels(pixels) -> np.ndarray:

@@ -7,6 +7,16 @@ with every known one in constant time, and hands the caller's tenant to the
 handler through `TENANT`, a context variable: gRPC runs a call's interceptors and
 its handler in one `contextvars.Context` of that call, so the value set here is
 the one `current_tenant()` reads in the servicer, and no other call sees it.
+
+A denied call is answered before its message is read: the interceptor runs on the
+call's metadata alone, and the handler it returns for a denied call takes a
+request *stream* (whatever the method's shape) and aborts without iterating it,
+so gRPC never receives, buffers or deserialises the body. The client's message
+stays in its own buffers; the server holds at most what HTTP/2 flow control lets
+the client send before the status arrives (its stream window, which gRPC's BDP
+probing grows to ~1.3 MB at most on loopback). Measured: 24 concurrent 60 MB
+messages with a wrong token add 15-25 MB of RSS, against ~1 GB when the deny
+handler read the message (README: "Auth and tenants").
 """
 
 from __future__ import annotations
@@ -77,14 +87,14 @@ class BearerAuthInterceptor(grpc.ServerInterceptor):
         return _denying(handler)
 
 
-def _denying(handler):
-    def deny(request, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+def _deny(request_iterator, context):
+    """Never iterates the requests: the body is not received (module docstring)."""
+    context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny)
+
+def _denying(handler):
+    """A handler for a denied call of `handler`'s method: request-streaming, so gRPC reads no
+    message before it runs; the response side keeps the method's shape."""
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(deny)
-    return grpc.unary_unary_rpc_method_handler(deny)
+        return grpc.stream_stream_rpc_method_handler(_deny)
+    return grpc.stream_unary_rpc_method_handler(_deny)

@@ -54,7 +54,7 @@ class ServiceConfig:
     no_cuda_graphs: bool = False  # decode eagerly on CUDA (no graph capture)
     stop_after_point: bool = False  # end an answer as soon as it holds a closed point
     prefix_cache_bytes: int = 1024 * MIB  # device bytes of cached prompt prefixes (LRU; 0 = off)
-    # --- hardening (issue 11) ---
+    # --- hardening ---
     max_inflight_pixels: int = 50_000_000  # decoded pixels (width*height) of the images in flight, all RPCs together
     max_instruction_tokens: int = 512  # longest instruction accepted (tokens, special tokens counted as text)
     stream_idle_timeout_s: float = 60.0  # a stream with no frame for this long (nothing pending) is closed; 0 = never
@@ -65,6 +65,11 @@ class ServiceConfig:
     admission_wait_s: float = 1.0  # how long a Ground call waits in line for room before RESOURCE_EXHAUSTED
     stall_timeout_s: float = 30.0  # work waiting with no progress this long: health NOT_SERVING until it resumes
     profile: str = "auto"  # model family's prompt, resize and answer space (pixelprune.profiles); auto = from the name
+    # --- streams that cannot take the server ---
+    stream_first_frame_timeout_s: float = 5.0  # a stream with no first frame this long is closed; 0 = idle timeout
+    max_open_streams: int = 192  # open streams of the server; < max_concurrent_rpcs, so unary calls keep slots
+    max_streams_per_tenant: int = 64  # open streams of one tenant (with --auth-token-file); 0 = no limit
+    max_streams_per_peer: int = 64  # open streams of one peer address (without auth); 0 = no limit
 
     def validate(self) -> "ServiceConfig":
         """Raise ValueError (one line) for a setting that cannot work; return self."""
@@ -121,6 +126,13 @@ class ServiceConfig:
             (self.health_port <= 0 or self.health_port not in (self.port, self.metrics_port),
              f"--health-port {self.health_port} is already the gRPC or metrics port"),
             (self.drain_delay_s >= 0 and math.isfinite(self.drain_delay_s), "--drain-delay-s must be >= 0"),
+            (self.stream_first_frame_timeout_s >= 0 and math.isfinite(self.stream_first_frame_timeout_s),
+             "--stream-first-frame-timeout-s must be >= 0 (0 = the idle timeout applies)"),
+            (1 <= self.max_open_streams < self.max_concurrent_rpcs,
+             f"--max-open-streams ({self.max_open_streams}) must be >= 1 and below --max-concurrent-rpcs "
+             f"({self.max_concurrent_rpcs}), so that streams never hold every slot unary calls need"),
+            (self.max_streams_per_tenant >= 0, "--max-streams-per-tenant must be >= 0 (0 = no limit)"),
+            (self.max_streams_per_peer >= 0, "--max-streams-per-peer must be >= 0 (0 = no limit)"),
         ]
 
     def auth_tenants(self) -> dict[str, str] | None:
@@ -132,6 +144,7 @@ class ServiceConfig:
 
 
 TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+COMMENT = re.compile(r"(^|\s)#.*")  # a token file comment: # at the start of a line or after a space
 
 
 def bare_token_tenant(token: str) -> str:
@@ -143,25 +156,28 @@ def bare_token_tenant(token: str) -> str:
 
 def parse_token_file(text: str, path: str = "--auth-token-file") -> dict[str, str]:
     """token -> tenant. Either one bare token (the whole file; tenant `bare_token_tenant`), or one
-    `TENANT TOKEN` pair per line (blank lines and lines starting with # ignored; a tenant
-    may have several tokens, e.g. while rotating; a token belongs to one tenant)."""
-    lines = [line.split() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not lines:
+    `TENANT TOKEN` pair per line. A `#` at the start of a line or after a space starts a comment
+    (to the end of the line; a # inside a token is part of it); blank lines are ignored. A tenant
+    may have several tokens (e.g. while rotating); a token belongs to one tenant. Errors name the
+    file's line number."""
+    entries = [(number, fields) for number, line in enumerate(text.splitlines(), start=1)
+               if (fields := COMMENT.sub("", line).split())]
+    if not entries:
         raise ValueError(f"--auth-token-file {path} is empty")
-    if len(lines) == 1 and len(lines[0]) == 1:
-        return {lines[0][0]: bare_token_tenant(lines[0][0])}
+    if len(entries) == 1 and len(entries[0][1]) == 1:
+        token = entries[0][1][0]
+        return {token: bare_token_tenant(token)}
     tenants: dict[str, str] = {}
-    for number, fields in enumerate(lines, start=1):
+    for number, fields in entries:
+        where = f"--auth-token-file {path} line {number}"
         if len(fields) != 2:
-            raise ValueError(f"--auth-token-file {path}: entry {number} must be `TENANT TOKEN`, got {len(fields)} "
+            raise ValueError(f"{where}: must be `TENANT TOKEN` (then an optional # comment), got {len(fields)} "
                              f"field(s)")
         tenant, token = fields
         if not TENANT_NAME.fullmatch(tenant):
-            raise ValueError(f"--auth-token-file {path}: tenant {tenant!r} must be 1..64 characters of "
-                             f"[A-Za-z0-9._-]")
+            raise ValueError(f"{where}: tenant {tenant!r} must be 1..64 characters of [A-Za-z0-9._-]")
         if token in tenants:
-            raise ValueError(f"--auth-token-file {path}: a token is listed twice (tenants {tenants[token]!r} and "
-                             f"{tenant!r})")
+            raise ValueError(f"{where}: a token is listed twice (tenants {tenants[token]!r} and {tenant!r})")
         tenants[token] = tenant
     return tenants
 
@@ -212,12 +228,12 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
      "CUDA without --max-batch-tokens: share of the free device memory the KV pool takes"),
     ("max_prefill_tokens", "--max-prefill-tokens", int, "prompt tokens prefilled per engine step"),
     ("prefix_cache_bytes", "--prefix-cache-bytes", int, "device bytes of cached prompt prefixes (0 = off)"),
-    # --- hardening (issue 11) ---
+    # --- hardening ---
     ("max_inflight_pixels", "--max-inflight-pixels", int,
      "decoded pixels of the images in flight across all RPCs (size from the pod's memory, see README)"),
     ("max_instruction_tokens", "--max-instruction-tokens", int, "longest instruction, tokens"),
     ("stream_idle_timeout_s", "--stream-idle-timeout-s", float,
-     "close a stream that sends no frame this long (0 = never)"),
+     "close a stream that sends no frame, or leaves an answer unread, this long (0 = never)"),
     ("health_port", "--health-port", int, "plaintext health server outside the RPC limit (0 = any, -1 = off)"),
     ("drain_delay_s", "--drain-delay-s", float, "seconds of NOT_SERVING on SIGTERM before stopping the listener"),
     ("admission_wait_s", "--admission-wait-s", float,
@@ -226,6 +242,14 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
      "seconds of waiting work without progress before health turns NOT_SERVING"),
     ("profile", "--profile", str, "model family (prompt, resize, answer coordinates): auto (from the checkpoint's "
      "name and card), qwen3-vl, gui-owl, ui-venus, mai-ui, stepgui, holo2"),
+    # --- streams that cannot take the server ---
+    ("stream_first_frame_timeout_s", "--stream-first-frame-timeout-s", float,
+     "close a stream that sends no first frame this long (0 = the idle timeout applies)"),
+    ("max_open_streams", "--max-open-streams", int,
+     "open streams at a time, below --max-concurrent-rpcs (more are refused: RESOURCE_EXHAUSTED)"),
+    ("max_streams_per_tenant", "--max-streams-per-tenant", int, "open streams of one tenant (0 = no limit)"),
+    ("max_streams_per_peer", "--max-streams-per-peer", int,
+     "open streams of one peer address when auth is off (0 = no limit)"),
 ]
 # On/off switches: (field, flag, help); PIXELPRUNE_<FLAG> takes true/false.
 _SWITCHES: list[tuple[str, str, str]] = [
@@ -257,7 +281,8 @@ HELP_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "limits and admission": (
         "what a request may be and how many may wait or run at once",
         ("max_image_pixels", "max_message_bytes", "max_instruction_chars", "max_instruction_tokens",
-         "max_inflight_pixels", "queue_size", "admission_wait_s", "max_concurrent_rpcs", "stream_idle_timeout_s")),
+         "max_inflight_pixels", "queue_size", "admission_wait_s", "max_concurrent_rpcs", "max_open_streams",
+         "max_streams_per_tenant", "max_streams_per_peer", "stream_first_frame_timeout_s", "stream_idle_timeout_s")),
     "sessions": (
         "where sessions (the previous frame's block hashes, the last answer) live",
         ("redis_url", "redis_prefix", "session_ttl_s")),

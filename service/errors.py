@@ -4,8 +4,9 @@ The servicer's handlers are wrapped by `unary_errors(rpc)` and `stream_errors(rp
 a ValueError (bad input) becomes INVALID_ARGUMENT with its message; a full queue,
 the pixel budget or a device out of memory RESOURCE_EXHAUSTED; an expired deadline
 or an idle stream DEADLINE_EXCEEDED; a cancelled call CANCELLED; and anything else
-INTERNAL with the traceback logged (a bug: the client gets no internals). Every outcome is reported
-to the servicer's `on_rpc_done(rpc, code_name, seconds)`.
+INTERNAL with the traceback logged (a bug: the client gets no internals). Every call is reported
+to the servicer's `on_rpc_start(rpc)` when it begins and `on_rpc_done(rpc, code_name, seconds)`
+with its outcome.
 
 Deserialisation: gRPC answers a request its deserializer cannot parse (malformed
 protobuf, a string field that is not UTF-8) with INTERNAL and logs a traceback,
@@ -98,6 +99,7 @@ def unary_errors(rpc: str) -> Callable:
         @functools.wraps(handler)
         def wrapped(self, request, context):
             start, on_done = time.perf_counter(), self.on_rpc_done
+            self.on_rpc_start(rpc)
             try:
                 if isinstance(request, Undecodable):
                     raise request.exception()
@@ -127,6 +129,7 @@ def stream_errors(rpc: str) -> Callable:
         @functools.wraps(handler)
         def wrapped(self, request_iterator, context) -> Iterator:
             start, on_done = time.perf_counter(), self.on_rpc_done
+            self.on_rpc_start(rpc)
             try:
                 yield from handler(self, checked_requests(request_iterator), context)
             except Exception as exc:  # noqa: BLE001

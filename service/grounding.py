@@ -141,7 +141,7 @@ class Grounder:
         if self._same_request(previous, query.instruction, key) and previous.source_digest == src:
             return self._from_session(query, previous, src, arrival, decode_s=0.0)
         t0 = time.perf_counter()
-        pixels = decode_image(query.image, self.max_image_pixels)
+        pixels = decode_image(query.image, self.max_image_pixels, is_active)
         decode_s = time.perf_counter() - t0
         prepared = self.engine.prepare(pixels, settings)
         del pixels  # the decoded screenshot: freed before waiting for the model (prepared holds the resized one)

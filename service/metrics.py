@@ -28,6 +28,8 @@ CODES = ("OK", "CANCELLED", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "RESOURCE_E
          "INTERNAL")
 UNARY_RPCS = ("Ground",)  # observed in pixelprune_request_duration_seconds, one observation per call
 STREAM_RPCS = ("GroundStream",)  # counted in pixelprune_streams_total; each frame in the frame histogram
+STREAM_LIMITS = ("open", "tenant", "peer")  # why a stream was refused (--max-open-streams, per tenant, per peer)
+STREAM_CLOSE_REASONS = ("first_frame_timeout", "idle_timeout", "send_timeout", "drain")  # why the server ended one
 
 
 class ServiceMetrics:
@@ -99,7 +101,7 @@ class ServiceMetrics:
             self.stalled.labels(reason=reason)
 
     def _add_hardening_metrics(self, r: CollectorRegistry) -> None:
-        """Streams per frame, admission, and every rpc x code series from the start (issue 11)."""
+        """Streams per frame, admission, and every rpc x code series from the start."""
         disable_created_metrics()  # no `*_created` series (process-wide prometheus_client setting)
         self.stream_frame_duration = Histogram(
             "pixelprune_stream_frame_duration_seconds",
@@ -116,11 +118,32 @@ class ServiceMetrics:
                                      "Decoded pixels of the images admitted and not yet answered.", registry=r)
         self.inflight_pixels_limit = Gauge("pixelprune_inflight_pixels_limit",
                                            "The pixel budget (--max-inflight-pixels).", registry=r)
+        self._add_stream_guard_metrics(r)
         for code in CODES:
             for rpc in UNARY_RPCS:
                 self.request_duration.labels(rpc=rpc, code=code)
             self.stream_frame_duration.labels(code=code)
             self.streams.labels(code=code)
+
+    def _add_stream_guard_metrics(self, r: CollectorRegistry) -> None:
+        """Streams refused by a limit and streams the server ended, with every label from the start."""
+        self.streams_refused = Counter(
+            "pixelprune_streams_refused_total",
+            "GroundStream calls refused at once (RESOURCE_EXHAUSTED), by the limit they met.", ["limit"], registry=r)
+        self.streams_closed = Counter(
+            "pixelprune_streams_closed_by_server_total",
+            "GroundStream calls the server ended: no first frame, silent, answers not read, drain.", ["reason"],
+            registry=r)
+        for limit in STREAM_LIMITS:
+            self.streams_refused.labels(limit=limit)
+        for reason in STREAM_CLOSE_REASONS:
+            self.streams_closed.labels(reason=reason)
+
+    def record_stream_refused(self, limit: str) -> None:
+        self.streams_refused.labels(limit=limit).inc()
+
+    def record_stream_closed(self, reason: str) -> None:
+        self.streams_closed.labels(reason=reason).inc()
 
     def record_request(self, rpc: str, code: str, seconds: float) -> None:
         """A call ended: unary calls are observed with their duration, streams counted."""

@@ -10,7 +10,10 @@ calls hold every thread of the main one. Server reflection (v1 and v1alpha) is o
 
 Drain (SIGTERM): health turns NOT_SERVING while the listener keeps serving for
 `--drain-delay-s`, so probes and health-checking clients see it; then the
-listener stops accepting and in-flight calls get `--drain-grace-s` to finish.
+listener stops accepting, each open stream ends with OK after the frame it is
+answering (its trailer counts the frames left), and unary calls in flight get
+`--drain-grace-s` to finish. The log says how many calls finished in the grace
+period and how many it cut.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import logging
 import platform
 import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -43,6 +47,7 @@ from service.metrics import MetricsServer, ServiceMetrics, start_metrics_server
 from service.reflection import enable_reflection
 from service.servicer import GroundingServicer
 from service.sessions import InProcessSessionStore, RedisSessionStore, redis_client
+from service.streams import StreamLimits, StreamRegistry
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Grounding"].full_name
@@ -68,6 +73,8 @@ class ServerHandle:
     admission: Admission | None = None  # instruction limits, header checks, pixel and queue budgets
     state: HealthState | None = None  # what health says (warm, draining, stalled)
     watchdog: Watchdog | None = None  # turns health NOT_SERVING while the service cannot make progress
+    servicer: GroundingServicer | None = None  # the Grounding servicer (its call counts feed the drain log)
+    streams: StreamRegistry | None = None  # the open streams (limits, send watchdog, drain)
 
     def warmup(self) -> None:
         """Run the engine's warm-up request on the engine loop (and compile the block hash the session
@@ -84,19 +91,39 @@ class ServerHandle:
         self.state.drain()
 
     def stop(self, grace: float | None = None) -> None:
-        """Drain, let in-flight RPCs finish within `grace` seconds, then stop worker, /metrics and health."""
+        """Drain, end open streams after their current frame, let in-flight RPCs finish within
+        `grace` seconds, then stop the engine loop, /metrics and health."""
         if self._stopped.is_set():
             return
         self.drain()
-        self.server.stop(grace).wait()
+        self._stop_serving(grace)
         if self.watchdog is not None:
             self.watchdog.stop()
         self.loop.stop(timeout=5)
+        if self.streams is not None:
+            self.streams.stop()
         if self._metrics_server is not None:
             self._metrics_server.stop()
         if self._health_server is not None:
             self._health_server.stop(0).wait()
         self._stopped.set()
+
+    def _stop_serving(self, grace: float | None) -> None:
+        """The listener stops, streams end after their current frame, calls get `grace`; one log line."""
+        begun, ended = self.servicer.calls() if self.servicer is not None else ({}, {})
+        in_flight = {rpc: begun[rpc] - ended[rpc] for rpc in begun}
+        streams = self.streams.drain() if self.streams is not None else 0
+        start = time.monotonic()
+        self.server.stop(grace).wait()
+        if self.servicer is None:
+            return
+        _, after = self.servicer.calls()
+        finished = {rpc: after[rpc] - ended.get(rpc, 0) for rpc in after}
+        log.info("drain: %d of %d requests in flight finished in %.1f s of the %s s grace period (Ground: %d of %d; "
+                 "GroundStream: %d of %d, %d ended after their current frame)",
+                 sum(finished.values()), sum(in_flight.values()), time.monotonic() - start,
+                 "unlimited" if grace is None else f"{grace:g}", finished.get("Ground", 0), in_flight.get("Ground", 0),
+                 finished.get("GroundStream", 0), in_flight.get("GroundStream", 0), streams)
 
     def shutdown(self, delay: float, grace: float | None, cut_short: threading.Event | None = None) -> None:
         """NOT_SERVING for `delay` seconds while still serving (ended early by `cut_short`), then stop(grace)."""
@@ -200,6 +227,14 @@ def _watchdog(config: ServiceConfig, state: HealthState, loop, admission: Admiss
     return Watchdog(state, probes, interval_s=min(1.0, bound / 4), on_change=metrics.record_stalls)
 
 
+def _stream_registry(config: ServiceConfig, metrics: ServiceMetrics) -> StreamRegistry:
+    """The stream limits and clocks of the serve flags (its watchdog starts with the server)."""
+    limits = StreamLimits(max_open=config.max_open_streams, per_tenant=config.max_streams_per_tenant,
+                          per_peer=config.max_streams_per_peer, idle_timeout_s=config.stream_idle_timeout_s,
+                          first_frame_timeout_s=config.stream_first_frame_timeout_s)
+    return StreamRegistry(limits, on_refused=metrics.record_stream_refused, on_closed=metrics.record_stream_closed)
+
+
 def _grpc_server(config: ServiceConfig, metrics: ServiceMetrics, tenants: dict[str, str] | None) -> grpc.Server:
     """The main gRPC server (not started): auth and the deserialisation guard as interceptors."""
     denied = lambda method: metrics.record_request(method.rsplit("/", 1)[-1], "UNAUTHENTICATED", 0.0)  # noqa: E731
@@ -251,8 +286,9 @@ def create_server(config: ServiceConfig, engine=None, registry: CollectorRegistr
     server = _grpc_server(config, metrics, tenants)
     admission = _admission(config, engine, metrics)
     grounder = Grounder(engine, _session_store(config, metrics), loop, metrics, config.max_image_pixels, admission)
-    pb_grpc.add_GroundingServicer_to_server(
-        GroundingServicer(grounder, metrics, config.prune, admission, config.stream_idle_timeout_s), server)
+    streams = _stream_registry(config, metrics)
+    servicer = GroundingServicer(grounder, metrics, config.prune, admission, streams)
+    pb_grpc.add_GroundingServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     state = HealthState(health_servicer, ("", SERVICE_NAME))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -272,10 +308,11 @@ def create_server(config: ServiceConfig, engine=None, registry: CollectorRegistr
             health_server.stop(0)
         raise
     server.start()
+    streams.start()
     handle = ServerHandle(server=server, port=port, metrics_port=metrics_server.port if metrics_server else None,
                           grounder=grounder, metrics=metrics, health=health_servicer, loop=loop,
                           _metrics_server=metrics_server, health_port=health_port, _health_server=health_server,
-                          admission=admission, state=state,
+                          admission=admission, state=state, servicer=servicer, streams=streams,
                           watchdog=_watchdog(config, state, loop, admission, metrics).start())
     if warmup:
         handle.warmup()

@@ -16,6 +16,12 @@ the stream's frame waits for room instead of failing the stream: overload shows
 as latency and skipped frames. Frames left unanswered when a stream ends are counted in the trailing
 metadata `pixelprune-skipped-frames`. Each caller's tenant (service/auth.py)
 goes into its queries, so sessions and caches are per tenant.
+
+Open streams are registered in a StreamRegistry (service/streams.py): a stream
+over a limit is refused at once, an answer the client does not read closes the
+stream after the idle timeout, and on drain each stream ends with OK after the
+frame it is answering (a frame still waiting for room is left unanswered and
+counted in the trailer), so its client reconnects elsewhere at once.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections import Counter
 from typing import Callable
 
 from pixelprune.keepmask import pack_keep
@@ -30,12 +37,12 @@ from pixelprune_api.grounding.v1 import grounding_pb2 as pb
 from pixelprune_api.grounding.v1 import grounding_pb2_grpc as pb_grpc
 from service.admission import STREAM, UNARY, Admission
 from service.auth import current_tenant
-from service.errors import outcome, status_of, stream_errors, unary_errors
+from service.errors import QueueFull, outcome, status_of, stream_errors, unary_errors
 from pixelprune.settings import PruneSettings
 from service.grounding import GroundAnswer, Grounder, GroundQuery
 from service.images import RawImage
 from service.metrics import ServiceMetrics
-from service.streams import SKIPPED_FRAMES_KEY, NewestFrame, Pending
+from service.streams import SKIPPED_FRAMES_KEY, NewestFrame, Pending, StreamRegistry
 
 _METHODS = {pb.PruningSettings.METHOD_PRED2D: "pred2d", pb.PruningSettings.METHOD_RASTER: "raster",
             pb.PruningSettings.METHOD_SERPENTINE: "serpentine"}
@@ -138,15 +145,29 @@ class GroundingServicer(pb_grpc.GroundingServicer):
     """Ground and GroundStream over one Grounder."""
 
     def __init__(self, grounder: Grounder, metrics: ServiceMetrics, defaults: PruneSettings,
-                 admission: Admission, stream_idle_timeout_s: float = 0.0):
+                 admission: Admission, streams: StreamRegistry):
         self.grounder = grounder
         self.metrics = metrics
         self.defaults = defaults  # the server's pruning settings; request fields override them
         self.admission = admission  # instruction limits, image header checks, pixel budget
-        self.stream_idle_timeout_s = stream_idle_timeout_s  # 0 = streams may stay silent forever
+        self.streams = streams  # open streams: limits, clocks, send watchdog, drain
+        self._calls_lock = threading.Lock()
+        self._started: Counter[str] = Counter()  # calls begun, by rpc
+        self._finished: Counter[str] = Counter()  # calls ended (any status), by rpc
+
+    def on_rpc_start(self, rpc: str) -> None:
+        with self._calls_lock:
+            self._started[rpc] += 1
 
     def on_rpc_done(self, rpc: str, code: str, seconds: float) -> None:
+        with self._calls_lock:
+            self._finished[rpc] += 1
         self.metrics.record_request(rpc, code, seconds)
+
+    def calls(self) -> tuple[Counter[str], Counter[str]]:
+        """(begun, ended) calls so far, by rpc: copies."""
+        with self._calls_lock:
+            return Counter(self._started), Counter(self._finished)
 
     @unary_errors("Ground")
     def Ground(self, request, context):
@@ -158,34 +179,49 @@ class GroundingServicer(pb_grpc.GroundingServicer):
 
     @stream_errors("GroundStream")
     def GroundStream(self, request_iterator, context):
-        slot = NewestFrame(self.stream_idle_timeout_s)
+        stream = self.streams.open(current_tenant(), context.peer(), context.cancel)  # QueueFull over a limit
+        slot = stream.slot
         context.add_callback(slot.close)  # cancellation or end of RPC wakes the responder
         threading.Thread(target=read_frames, daemon=True, name="pixelprune-stream-reader", args=(
             request_iterator, slot, self.defaults, current_tenant(), self.admission.instructions.check)).start()
         self.metrics.record_stream_open(True)
+        dropped = 0
         try:
             while (item := slot.take()) is not None:
                 pending, skipped = item
                 self.metrics.record_skipped_frames(skipped)
                 answer = self._answer_frame(pending, context)
-                yield to_pb(answer, skipped_frames=skipped, sequence=pending.sequence)
+                if answer is None:  # the server began draining while the frame waited for room
+                    dropped = 1
+                    break
+                with stream.sending():  # gRPC sends during the yield; the watchdog times a blocked send
+                    yield to_pb(answer, skipped_frames=skipped, sequence=pending.sequence)
+                if not context.is_active():  # cancelled while the answer waited to be sent
+                    break
                 slot.answered()
         finally:
+            self.streams.close(stream)
             self.metrics.record_stream_open(False)
-            dropped = slot.abandon()
+            if slot.timed_out is not None:
+                self.metrics.record_stream_closed(f"{slot.timed_out}_timeout")
+            dropped += slot.abandon()
             self.metrics.record_skipped_frames(dropped)
             context.set_trailing_metadata(((SKIPPED_FRAMES_KEY, str(dropped)),))
         if slot.error is not None:
             raise slot.error
 
-    def _answer_frame(self, pending: Pending, context) -> GroundAnswer:
+    def _answer_frame(self, pending: Pending, context) -> GroundAnswer | None:
         """One stream frame: waits for room in the pixel budget and the model queue (newer frames
-        meanwhile replace each other in the slot, so no CPU goes into frames never answered)."""
+        meanwhile replace each other in the slot, so no CPU goes into frames never answered).
+        None when the server began draining while the frame waited for room."""
+        wanted = lambda: context.is_active() and not self.streams.draining  # noqa: E731
         try:
-            with self.admission.admit(pending.query.image, STREAM, context.is_active):
+            with self.admission.admit(pending.query.image, STREAM, wanted):
                 answer = self.grounder.ground(pending.query, deadline=deadline_of(context),
-                                              is_active=context.is_active, wait_while=context.is_active)
+                                              is_active=context.is_active, wait_while=wanted)
         except Exception as exc:
+            if isinstance(exc, QueueFull) and self.streams.draining and context.is_active():
+                return None  # gave up waiting for room because the server drains: left unanswered
             code = outcome(context, status_of(exc)[0].name)
             self.metrics.record_stream_frame(code, time.perf_counter() - pending.arrival)
             raise

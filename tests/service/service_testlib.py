@@ -96,7 +96,7 @@ class FrameFeed:
 
 
 def jpeg_bomb(width: int = 7071, height: int = 7071) -> bytes:
-    """The 641-byte JPEG of issue 11: a real 8x8 JPEG's headers with the frame size set to
+    """The 641-byte JPEG bomb: a real 8x8 JPEG's headers with the frame size set to
     width x height, then 16 zero bytes of scan data and the end marker. Pillow decodes it to
     width x height pixels (the missing data as grey)."""
     data = jpeg_bytes(np.full((8, 8, 3), 128, np.uint8), quality=50)
@@ -141,3 +141,37 @@ def status_code(fn):
         return grpc.StatusCode.OK
     except grpc.RpcError as exc:
         return exc.code()
+
+
+def jpeg_scan_bomb(size: int = 7071, scans: int = 1000) -> bytes:
+    """A progressive grey JPEG of size x size whose last scan is repeated until it holds `scans`
+    scans: a few hundred bytes per scan, and libjpeg decodes every one over the whole image."""
+    buf = io.BytesIO()
+    Image.new("L", (size, size), 128).save(buf, format="JPEG", quality=50, progressive=True)
+    data = buf.getvalue()
+    first_scan = data.index(b"\xff\xda")
+    last_scan = data.rindex(b"\xff\xda")  # entropy-coded data never holds FF DA (0xFF is stuffed)
+    body, last = data[first_scan:last_scan], data[last_scan:-2]
+    written = body.count(b"\xff\xda") + 1
+    return data[:first_scan] + body + last * (scans - written + 1) + b"\xff\xd9"
+
+
+def png16(samples: np.ndarray, trns: bytes | None = None) -> bytes:
+    """A 16-bit PNG from uint16 samples: (H, W) grey, (H, W, 2) grey + alpha, (H, W, 3) RGB or
+    (H, W, 4) RGBA; `trns` the raw tRNS chunk (a transparent grey or RGB value). Pillow writes
+    no 16-bit colour PNGs, so this writes the chunks itself (PNG spec: IHDR, IDAT, IEND)."""
+    import struct
+    import zlib
+
+    height, width = samples.shape[:2]
+    channels = 1 if samples.ndim == 2 else samples.shape[2]
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    rows = samples.reshape(height, width * channels).astype(">u2")
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter type 0 on every row
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0))
+    extra = chunk(b"tRNS", trns) if trns is not None else b""
+    return b"\x89PNG\r\n\x1a\n" + header + extra + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")

@@ -47,8 +47,8 @@ def test_bad_token_file_is_reported_before_the_model_loads(capsys, tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text("alice tok-a\nbob\n")
     assert main(["serve", "--model", str(tmp_path / "nothing-here"), "--auth-token-file", str(tokens)]) == 2
-    assert capsys.readouterr().err.strip() == (f"pixelprune serve: error: --auth-token-file {tokens}: entry 2 must "
-                                               f"be `TENANT TOKEN`, got 1 field(s)")
+    assert capsys.readouterr().err.strip() == (f"pixelprune serve: error: --auth-token-file {tokens} line 2: must "
+                                               f"be `TENANT TOKEN` (then an optional # comment), got 1 field(s)")
 
 
 @pytest.mark.parametrize("model, message", [

@@ -88,10 +88,12 @@ def test_auth_token_file_with_tenants():
 
 @pytest.mark.parametrize("text, fragment", [
     ("# only a comment\n", "is empty"),
-    ("alice tok-a\nlonely-token\n", "entry 2 must be `TENANT TOKEN`, got 1 field(s)"),
-    ("alice tok a\n", "entry 1 must be `TENANT TOKEN`, got 3 field(s)"),
-    ("al/ice tok-a\n", "tenant 'al/ice' must be 1..64 characters"),
-    ("alice tok\nbob tok\n", "a token is listed twice (tenants 'alice' and 'bob')"),
+    ("alice tok-a\nlonely-token\n", "tokens.txt line 2: must be `TENANT TOKEN` (then an optional # comment), got 1 "
+                                     "field(s)"),
+    ("# tenants\n\nalice tok a\n", "tokens.txt line 3: must be `TENANT TOKEN`"),  # the file's line, not the entry's
+    ("alice tok-a # rotated # twice\nbob tok b\n", "line 2: must be `TENANT TOKEN` (then an optional # comment), got 3"),
+    ("al/ice tok-a\n", "line 1: tenant 'al/ice' must be 1..64 characters"),
+    ("alice tok\n# bob\nbob tok\n", "line 3: a token is listed twice (tenants 'alice' and 'bob')"),
 ])
 def test_bad_token_files(text, fragment):
     with pytest.raises(ValueError) as info:

@@ -129,7 +129,9 @@ def test_image_error_is_a_value_error():
 
 def test_probe_reads_the_header_only():
     assert probe(_png_claiming(40, 20), LIMIT) == (40, 20)  # decoding this would fail: no pixel data
-    assert probe(RawImage(3, 2, b""), LIMIT) == (3, 2)  # raw: the length is checked when decoding
+    assert probe(RawImage(3, 2, bytes(18)), LIMIT) == (3, 2)
+    with pytest.raises(ImageError, match="raw image of 3x2 needs 18 RGB bytes, got 0"):
+        probe(RawImage(3, 2, b""), LIMIT)  # the length too, before any reservation
     with pytest.raises(ImageError, match="more than the limit of 100"):
         probe(_png_claiming(11, 10), 100)
     with pytest.raises(ImageError, match="no image given"):

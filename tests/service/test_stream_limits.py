@@ -35,38 +35,40 @@ def _trailing(call) -> dict:
     return dict(call.trailing_metadata() or ())
 
 
-def test_silent_streams_fill_the_rpc_limit_health_still_answers_and_they_are_closed(make_server, channels, small):
-    handle, _ = make_server(warmup=True, max_concurrent_rpcs=3, stream_idle_timeout_s=2.0)
+def test_silent_streams_cannot_take_the_slots_of_unary_calls_and_are_closed(make_server, channels, small):
+    """Streams may hold --max-open-streams of the --max-concurrent-rpcs slots, never all: the next
+    stream is refused at once, Ground and the main port's health still answer, and a stream that
+    never sends its first frame is closed after --stream-first-frame-timeout-s."""
+    handle, _ = make_server(warmup=True, max_concurrent_rpcs=4, max_open_streams=3, stream_first_frame_timeout_s=2.0,
+                            stream_idle_timeout_s=30.0)
     stub = stub_for(channels(handle.port))
     feeds = [FrameFeed() for _ in range(3)]
     calls = [stub.GroundStream(iter(feed), timeout=60) for feed in feeds]  # open, never send a frame
     sample = handle.metrics.registry.get_sample_value
     wait_until(lambda: sample("pixelprune_open_streams") == 3, timeout=10)
-
-    def refused():
-        try:
-            stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="x"), timeout=5)
-        except grpc.RpcError as exc:
-            return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "Concurrent RPC limit" in exc.details()
-        return False
-
-    assert refused()  # every RPC slot of the main server is held by a silent stream
-    with pytest.raises(grpc.RpcError) as info:  # so the main port refuses health checks too...
-        _check(channels(handle.port))
+    extra = FrameFeed()
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        next(stub.GroundStream(iter(extra), timeout=60))
+    assert time.monotonic() - started < 1.0  # refused at once, not after a timeout
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert _check(channels(handle.health_port)) == SERVING  # ...but the health server has its own threads
+    assert info.value.details() == ("server busy: 3 streams already open (--max-open-streams); retry later or "
+                                    "elsewhere")
+    assert sample("pixelprune_streams_refused_total", {"limit": "open"}) == 1
+    assert stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="x"), timeout=60).total_blocks == 64
+    assert _check(channels(handle.port)) == SERVING
     outcomes = []
     for call in calls:
         with pytest.raises(grpc.RpcError) as info:
             next(call)
         outcomes.append((info.value.code(), info.value.details(), _trailing(call).get(SKIPPED_FRAMES_KEY)))
+    assert time.monotonic() - started < 10  # the first-frame timeout, not the 30 s idle timeout
     assert outcomes == [(grpc.StatusCode.DEADLINE_EXCEEDED,
-                         "stream closed: no frame for 2 s (--stream-idle-timeout-s)", "0")] * 3
+                         "stream closed: no first frame within 2 s (--stream-first-frame-timeout-s)", "0")] * 3
     wait_until(lambda: sample("pixelprune_streams_total", {"code": "DEADLINE_EXCEEDED"}) == 3)
+    assert sample("pixelprune_streams_closed_by_server_total", {"reason": "first_frame_timeout"}) == 3
     assert sample("pixelprune_open_streams") == 0
-    assert stub.Ground(pb.GroundRequest(image=raw_image(small), instruction="x"), timeout=60).total_blocks == 64
-    assert _check(channels(handle.port)) == SERVING  # the main port's health answers again too
-    for feed in feeds:
+    for feed in [*feeds, extra]:
         feed.send(None)
 
 
@@ -132,6 +134,30 @@ def test_each_frame_is_one_observation_and_a_whole_stream_none_in_the_unary_hist
     assert sample("pixelprune_stream_frame_duration_seconds_sum", {"code": "OK"}) > 0
     assert sample("pixelprune_request_duration_seconds_count", {"rpc": "GroundStream", "code": "OK"}) is None
     assert sample("pixelprune_request_duration_seconds_count", {"rpc": "Ground", "code": "OK"}) == 0
+
+
+def test_newest_frame_slot_first_frame_clock():
+    """Before the first frame the first-frame timeout applies; after it, the idle timeout."""
+    now = [0.0]
+    slot = NewestFrame(idle_timeout_s=5.0, clock=lambda: now[0], first_frame_timeout_s=2.0)
+    waits = []
+    slot._cond.wait = lambda timeout=None: (waits.append(timeout), now.__setitem__(0, now[0] + timeout))
+    with pytest.raises(StreamIdle, match="no first frame within 2 s"):
+        slot.take()
+    assert waits == [2.0] and slot.timed_out == "first_frame"
+    slot = NewestFrame(idle_timeout_s=5.0, clock=lambda: now[0], first_frame_timeout_s=2.0)
+    slot._cond.wait = lambda timeout=None: (waits.append(timeout), now.__setitem__(0, now[0] + timeout))
+    slot.put(Pending(query="a", sequence=1, arrival=0.0))
+    assert slot.take()[0].sequence == 1
+    slot.answered()
+    with pytest.raises(StreamIdle, match="no frame for 5 s"):
+        slot.take()
+    assert waits == [2.0, 5.0] and slot.timed_out == "idle"
+    slot = NewestFrame(idle_timeout_s=5.0, clock=lambda: now[0], first_frame_timeout_s=0.0)  # 0: the idle clock
+    slot._cond.wait = lambda timeout=None: (waits.append(timeout), now.__setitem__(0, now[0] + timeout))
+    with pytest.raises(StreamIdle, match="no frame for 5 s"):
+        slot.take()
+    assert waits == [2.0, 5.0, 5.0]
 
 
 def test_newest_frame_slot_idle_clock():

@@ -68,8 +68,13 @@ class GroundingServicer:
         wins and the number of frames skipped is reported with the next answer.
         Frames never answered when the stream ends (on any status) are counted in
         the trailing metadata key "pixelprune-skipped-frames" (decimal). A stream
-        that sends no frame for the server's idle timeout while nothing of it is
-        pending is ended with DEADLINE_EXCEEDED.
+        that sends no first frame within the server's first-frame timeout, or no
+        frame for its idle timeout while nothing of it is pending, is ended with
+        DEADLINE_EXCEEDED; one that leaves an answer unread for the idle timeout
+        is cancelled (CANCELLED). A stream over the server's limits of open
+        streams (per server, per tenant, per peer address) is refused at once
+        with RESOURCE_EXHAUSTED. When the server drains, each stream ends with OK
+        after the frame it is answering: reconnect (to another replica) at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
