@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from transformers.utils.generic import get_max_seqlen
 
 
 def kept_patch_rows(masks: list[np.ndarray], grids: list[tuple[int, int, int]]) -> torch.Tensor:
@@ -22,6 +24,20 @@ def kept_patch_rows(masks: list[np.ndarray], grids: list[tuple[int, int, int]]) 
         rows.append(offset + (4 * blocks[:, None] + np.arange(4)).reshape(-1))
         offset += t * h * w
     return torch.from_numpy(np.concatenate(rows).astype(np.int64))
+
+
+def vision_attention_kwargs(kept_blocks, vision_config, device) -> dict:
+    """`cu_seqlens` (and `max_seqlen`) for the ViT: one attention segment of 4 patches per kept block per image.
+
+    With flash attention (`Qwen3VLVisionAttention.forward`, transformers 5.25 L281-297, varlen kernel)
+    cu_seqlens goes to `device` with `max_seqlen` as a host int. With sdpa, eager and the rest
+    (L300-303) each layer splits q/k/v by `(cu_seqlens[1:] - cu_seqlens[:-1]).tolist()`; cu_seqlens
+    stays on the CPU there, so no layer waits for the device. Nothing else in the ViT reads it."""
+    cu_seqlens = F.pad(torch.tensor([4 * int(k) for k in kept_blocks]).cumsum(0, dtype=torch.int32), (1, 0))
+    max_seqlen = get_max_seqlen(cu_seqlens, vision_config)  # an int (from host values) for flash, else None
+    if max_seqlen is None:
+        return {"cu_seqlens": cu_seqlens}
+    return {"cu_seqlens": cu_seqlens.to(device), "max_seqlen": max_seqlen}
 
 
 def grid_list(image_grid_thw) -> list[tuple[int, int, int]]:
