@@ -1,12 +1,6 @@
 """Token-side preparation of a pruned Qwen3-VL prompt: keep masks, image grids, and the
 pruned sequence with the MRoPE positions of the FULL image (transformers 5.23/5.24,
-`Qwen3VLModel.get_rope_index`). The vision side is in `pixelprune.model.adapter`.
-
-Two ways to the same positions: `prune_token_inputs` runs `get_rope_index` on the full,
-expanded (batch, seq) tensors and gathers the kept columns (any batch, padding);
-`pruned_prompt_positions` computes one prompt's directly on the host from the chat's token
-ids (one placeholder per image), the grids and the keep masks, in O(images) numpy calls
-and without a device round trip (the engine's path)."""
+`Qwen3VLModel.get_rope_index`). The vision side is in `pixelprune.model.adapter`."""
 
 from __future__ import annotations
 
@@ -141,7 +135,9 @@ def prune_token_inputs(model, input_ids, attention_mask, mm_token_type_ids, grid
 
 
 def pruned_prompt_positions(config, chat_ids, grids, keep) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids (L',) int64, positions (4, L') int64) of one pruned prompt, computed on the host.
+    """(token ids (L',) int64, positions (4, L') int64) of one pruned prompt, computed on the host: the
+    same as `prune_token_inputs` (get_rope_index on the full expanded sequence, kept columns gathered)
+    for one prompt, in O(images) numpy calls and with no device round trip.
 
     `chat_ids`: the chat's token ids with ONE `config.image_token_id` placeholder per image
     (`pipeline.chat_token_ids`, before expansion); `grids`: one (t, h, w) patch grid per image
