@@ -173,8 +173,12 @@ def test_serve_flags_reach_the_server_config_and_budgets_fit_the_callers(small_r
 
 def test_device_fields_name_the_kernels_graphs_eager_steps_and_kv_pool(small_run):
     result, markdown = small_run
+    from pixelprune.model.engine import TEXT_ATTENTION
+
     device = result["device"]
-    assert device["attention"] == {"vit": "sdpa", "prefill": "sdpa", "decode": "sdpa", "decode_cuda_graphs": False}
+    attention = device["attention"]
+    assert attention["vit"] == "sdpa" and attention["decode_cuda_graphs"] is False  # a CPU: no flash, no graphs
+    assert attention["prefill"] == attention["decode"] and attention["prefill"] in TEXT_ATTENTION
     assert device["kv_cache_capacity_tokens"] == 32768  # pixelprune.model.request.CPU_KV_TOKENS
     assert device["engine"] == {"cuda_graphs": 0, "eager_steps": 0}  # no graphs on a CPU: nothing falls back
     assert device["server"] == {"cuda_graphs": 0, "eager_steps_total": 0, "kv_cache_capacity_tokens": 32768}
@@ -182,7 +186,8 @@ def test_device_fields_name_the_kernels_graphs_eager_steps_and_kv_pool(small_run
         assert row["pruned"]["eager_steps"] == row["full"]["eager_steps"] == 0
     for level in result["concurrency"]:
         assert (level["cuda_graphs"], level["eager_steps_total"], level["kv_cache_capacity_tokens"]) == (0, 0, 32768)
-    assert "Attention: ViT sdpa, text prefill sdpa, decode sdpa (no CUDA graphs)." in markdown
+    text = attention["prefill"]
+    assert f"Attention: ViT sdpa, text prefill {text}, decode {text} (no CUDA graphs)." in markdown
     assert "| engine, batch 1 (StepStats) | 0 | 0 | 32768 |" in markdown
     assert "| server after 8 caller(s) (metrics) | 0 | 0 total | 32768 |" in markdown
     assert "| callers | answered / sent / planned | errors |" in markdown
