@@ -10,11 +10,16 @@
    the level's wall time, p50/p90 client latency, the server's queue wait, errors by status.
    A caller starts no new request after `level_seconds`; those in flight finish.
 
+Also: the serve flags the benchmark passes on (`serve_options`, read by service/config.py),
+the admission budgets sized for the callers (`budgets`), and the server's device metrics
+(`server_counters`).
+
 Every frame differs from every other in its bytes, so the vision cache never hits.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import statistics
 import threading
@@ -35,21 +40,52 @@ REQUEST_TIMEOUT_S = 300.0  # client deadline of one request; a stuck server fail
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
 
-def service_config(base: dict, options: dict) -> tuple[ServiceConfig, dict, list[str]]:
-    """(config, options applied, options this checkout's ServiceConfig lacks).
+def serve_options(flags: list[str], refused: tuple[str, ...] = ()) -> dict:
+    """ServiceConfig fields set by `pixelprune serve` flags, read by service/config.py's own parser and
+    checks (the environment is not read). ValueError for a flag naming a field in `refused` or a value
+    the service refuses; an unknown flag ends the program with argparse's usage error (status 2)."""
+    from service.config import add_arguments, from_namespace
 
-    `base` holds today's fields (a typo raises). `options` holds the engine and worker options
-    of issue 10 (batching, CUDA graphs, ...) by ServiceConfig field name; None = the service's
-    default. Each is applied only where ServiceConfig has that field, so this benchmark runs on
-    checkouts with and without them: the one place where they are switched on."""
-    names = {field.name for field in dataclasses.fields(ServiceConfig)}
-    unknown = sorted(set(base) - names)
-    if unknown:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu (serve flags)", allow_abbrev=False,
+                                     add_help=False)
+    add_arguments(parser)
+    namespace = parser.parse_args(flags)
+    given = {name for name, value in vars(namespace).items() if value is not None}
+    if bad := sorted(given & set(refused)):
+        raise ValueError(f"--{bad[0].replace('_', '-')} is set by the benchmark, not by a serve flag")
+    config = from_namespace(namespace, {})
+    fields = {field.name for field in dataclasses.fields(ServiceConfig)}
+    options = {name: getattr(config, name) for name in given & fields}
+    if given - fields:  # --no-prune, --prune-method, ... make up one PruneSettings
+        options["prune"] = config.prune
+    return options
+
+
+def service_config(base: dict, options: dict) -> ServiceConfig:
+    """ServiceConfig() with `base` (the benchmark's own fields) and `options` (serve flags) over it, checked."""
+    if unknown := sorted((set(base) | set(options)) - {field.name for field in dataclasses.fields(ServiceConfig)}):
         raise ValueError(f"ServiceConfig has no field(s) {unknown}")
-    wanted = {name: value for name, value in options.items() if value is not None}
-    applied = {name: value for name, value in wanted.items() if name in names}
-    missing = sorted(set(wanted) - set(applied))
-    return dataclasses.replace(ServiceConfig(), **base, **applied).validate(), applied, missing
+    return dataclasses.replace(ServiceConfig(), **base, **options).validate()
+
+
+def budgets(callers: int, frame_pixels: list[int], single_pixels: list[int], max_image_pixels: int) -> dict:
+    """--max-inflight-pixels and --queue-size for `callers` closed-loop callers at once: each holds at most
+    one request, so the pixel budget takes `callers` of the largest concurrent frame (and at least the
+    largest single screenshot and --max-image-pixels, which the service requires); the engine's waiting
+    line takes twice `callers` (a margin: a place is held only until the engine admits the request)."""
+    pixels = max(callers * max(frame_pixels), max(single_pixels, default=0), max_image_pixels)
+    return {"max_inflight_pixels": pixels, "queue_size": 2 * callers}
+
+
+def server_counters(registry) -> dict:
+    """The server's own metrics of the device: CUDA graphs held, eager decode steps so far, KV pool positions."""
+    def value(name: str) -> int | None:
+        found = registry.get_sample_value(name)
+        return None if found is None else int(found)
+
+    return {"cuda_graphs": value("pixelprune_cuda_graphs"),
+            "eager_steps_total": value("pixelprune_decode_eager_steps_total"),
+            "kv_cache_capacity_tokens": value("pixelprune_kv_cache_capacity_tokens")}
 
 
 def percentile(values, q: float) -> float | None:
@@ -143,7 +179,8 @@ def concurrency_level(port: int, frames: list[list[bytes]], level_seconds: float
     elapsed = time.perf_counter() - start
     answered = len(out["latency_ms"])
     return {
-        "callers": len(frames), "sent": out["sent"], "answered": answered, "errors": dict(out["errors"]),
+        "callers": len(frames), "planned": sum(len(own) for own in frames), "sent": out["sent"],
+        "answered": answered, "errors": dict(out["errors"]),
         "elapsed_s": elapsed, "requests_per_s": answered / elapsed if elapsed > 0 else None,
         "p50_ms": percentile(out["latency_ms"], 50), "p90_ms": percentile(out["latency_ms"], 90),
         "server_queue_p50_ms": percentile(out["queue_ms"], 50), "server_ttft_p50_ms": percentile(out["ttft_ms"], 50),

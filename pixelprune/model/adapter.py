@@ -27,12 +27,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
-from transformers.utils.generic import get_max_seqlen
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
-from pixelprune.model.positions import grid_list, kept_patch_rows, prune_token_inputs, same_masks, validate_keep
+from pixelprune.model.positions import grid_list, kept_patch_rows, prune_token_inputs, same_masks, validate_keep, \
+    vision_attention_kwargs
 from pixelprune.model.processor import rows_to_uint8_images
 from pixelprune.selectors import select_blocks
 from pixelprune.settings import PruneSettings
@@ -115,7 +114,8 @@ class PrunedQwen3VL:
         `visual` gets only the kept patch rows; `position_ids` (2D RoPE) and
         `interp_indices`/`interp_weights` (absolute position embedding) are the full
         grid's rows gathered at the kept patches; `cu_seqlens` has one segment of kept
-        patches per image (and `max_seqlen` for flash-attention); the output is split
+        patches per image (`vision_attention_kwargs`: on the host for sdpa/eager, on the
+        device with a host-int `max_seqlen` for flash-attention); the output is split
         by kept blocks, not by `grid.prod()//4`. `pixel_values` may hold all rows of the
         processor output or only the kept blocks' rows (4 per block). Runs under the caller's
         grad mode, like the stock model (wrap in torch.inference_mode() to serve)."""
@@ -137,14 +137,10 @@ class PrunedQwen3VL:
             grid_cpu, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
             align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.spatial_merge_size)
         position_ids = get_vision_position_ids(grid_cpu, visual.spatial_merge_size)
-        cu_seqlens = F.pad(torch.tensor([4 * k for k in kept]).cumsum(0, dtype=torch.int32), (1, 0))
         device = visual.device
-        extra = {}
-        if (max_seqlen := get_max_seqlen(cu_seqlens, visual.config)) is not None:
-            extra["max_seqlen"] = max_seqlen
         out = visual(pixel_values.to(device).type(visual.dtype), grid_thw=grid_cpu.to(device), return_dict=True,
                      position_ids=position_ids[rows].to(device), interp_indices=interp_idx[rows].to(device),
-                     interp_weights=interp_w[rows].to(device), cu_seqlens=cu_seqlens.to(device), **extra)
+                     interp_weights=interp_w[rows].to(device), **vision_attention_kwargs(kept, visual.config, device))
         return VisionFeatures(
             embeds=tuple(torch.split(out.pooler_output, kept)),
             deepstack=tuple(tuple(torch.split(f, kept)) for f in out.deepstack_features),

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from transformers.utils.generic import get_max_seqlen
 
 
 def kept_patch_rows(masks: list[np.ndarray], grids: list[tuple[int, int, int]]) -> torch.Tensor:
@@ -17,6 +19,20 @@ def kept_patch_rows(masks: list[np.ndarray], grids: list[tuple[int, int, int]]) 
         rows.append(offset + (4 * blocks[:, None] + np.arange(4)).reshape(-1))
         offset += t * h * w
     return torch.from_numpy(np.concatenate(rows).astype(np.int64))
+
+
+def vision_attention_kwargs(kept_blocks, vision_config, device) -> dict:
+    """`cu_seqlens` (and `max_seqlen`) for the ViT: one attention segment of 4 patches per kept block per image.
+
+    With flash attention (`Qwen3VLVisionAttention.forward`, transformers 5.25 L281-297, varlen kernel)
+    cu_seqlens goes to `device` with `max_seqlen` as a host int. With sdpa, eager and the rest
+    (L300-303) each layer splits q/k/v by `(cu_seqlens[1:] - cu_seqlens[:-1]).tolist()`; cu_seqlens
+    stays on the CPU there, so no layer waits for the device. Nothing else in the ViT reads it."""
+    cu_seqlens = F.pad(torch.tensor([4 * int(k) for k in kept_blocks]).cumsum(0, dtype=torch.int32), (1, 0))
+    max_seqlen = get_max_seqlen(cu_seqlens, vision_config)  # an int (from host values) for flash, else None
+    if max_seqlen is None:
+        return {"cu_seqlens": cu_seqlens}
+    return {"cu_seqlens": cu_seqlens.to(device), "max_seqlen": max_seqlen}
 
 
 def grid_list(image_grid_thw) -> list[tuple[int, int, int]]:
@@ -117,3 +133,50 @@ def prune_token_inputs(model, input_ids, attention_mask, mm_token_type_ids, grid
     kwargs = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": types,
               "position_ids": torch.cat([text[None], mrope], dim=0)}
     return kwargs, deltas[:, None]
+
+
+def pruned_prompt_positions(config, chat_ids, grids, keep) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids (L',) int64, positions (4, L') int64) of one pruned prompt, computed on the host: the
+    same as `prune_token_inputs` (get_rope_index on the full expanded sequence, kept columns gathered)
+    for one prompt, in O(images) numpy calls and with no device round trip.
+
+    `chat_ids`: the chat's token ids with ONE `config.image_token_id` placeholder per image
+    (`pipeline.chat_token_ids`, before expansion); `grids`: one (t, h, w) patch grid per image
+    (t == 1, even h and w); `keep`: one bool (h/2, w/2) mask per image (`validate_keep`).
+    Each placeholder becomes the image's kept blocks in raster order; the text tokens stay.
+    Rows are [text; t; h; w], equal to `prune_token_inputs` on the expanded sequence
+    (`Qwen3VLModel.get_rope_index` of transformers 5.23-5.25 at the kept columns):
+    text row = 0..L'-1; a run of text continues from the current position p, one per token;
+    an image starting at p puts its kept block (r, c) at (p, p + r, p + c) and advances p by
+    max(h, w) / merge (merge = `config.vision_config.spatial_merge_size`), so pruned blocks
+    leave gaps and the tokens after the image see the full image's extent. No image: every
+    row is 0..L-1. ValueError for video tokens, placeholders that do not match the grids, or
+    two placeholders with no text between them (get_rope_index would read them as one image)."""
+    ids = np.asarray(chat_ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"chat_ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+    if np.any(ids == config.video_token_id):
+        raise ValueError("video tokens are not supported by the pruned path")
+    at = np.flatnonzero(ids == config.image_token_id)
+    grids = grid_list(grids) if len(grids) else []
+    if len(at) != len(grids):
+        raise ValueError(f"the chat has {len(at)} image placeholders but {len(grids)} image grids were given")
+    if np.any(np.diff(at) == 1):
+        raise ValueError("two image placeholders with no text between them")
+    masks = validate_keep(keep, grids) if grids else []
+    merge = config.vision_config.spatial_merge_size
+    tokens, mrope, start, pos = [], [], 0, 0
+    for placeholder, (_, h, w), mask in zip(at, grids, masks):
+        text = ids[start:placeholder]
+        tokens.append(text)
+        mrope.append(np.broadcast_to(pos + np.arange(len(text)), (3, len(text))))
+        pos += len(text)
+        rows, cols = np.nonzero(mask)  # raster order, as the image's tokens are laid out
+        tokens.append(np.full(rows.size, config.image_token_id))
+        mrope.append(np.stack([np.full(rows.size, pos), pos + rows, pos + cols]))
+        pos += max(h, w) // merge
+        start = placeholder + 1
+    tokens.append(ids[start:])
+    mrope.append(np.broadcast_to(pos + np.arange(len(ids) - start), (3, len(ids) - start)))
+    mrope = np.concatenate(mrope, axis=1).astype(np.int64)
+    return np.concatenate(tokens).astype(np.int64), np.concatenate([np.arange(mrope.shape[1])[None], mrope])
