@@ -40,6 +40,10 @@ def ratio(before: dict | None, after: dict | None) -> float | None:
     return after["kl_per_token"] / before["kl_per_token"]
 
 
+def _rows(count: int) -> str:
+    return f"{count} row" if count == 1 else f"{count} rows"
+
+
 def _percent(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f} %"
 
@@ -53,7 +57,7 @@ def summary(record: dict) -> str:
         return f"no held-out part (--heldout): nothing measured{random}"
     after = after or {}
     kl_ratio = metrics.get("kl_ratio")
-    rows = [f"held-out: {before['samples']} rows, {before['answer_tokens']} answer tokens of the full-token base; "
+    rows = [f"held-out: {_rows(before['samples'])}, {before['answer_tokens']} answer tokens of the full-token base; "
             f"pruned student ({record['settings']}) vs the full-token base{random}",
             f"{'':26}{'before':>12}{'after':>12}",
             f"{'KL per answer token':26}{before['kl_per_token']:>12.4f}"
@@ -63,7 +67,7 @@ def summary(record: dict) -> str:
     if before["click_samples"]:
         rows.append(f"{'click accuracy':26}{_percent(before['click_accuracy']):>12}"
                     f"{_percent(after.get('click_accuracy')):>12}   (full tokens: "
-                    f"{_percent(before['full_click_accuracy'])}, {before['click_samples']} rows with a box)")
+                    f"{_percent(before['full_click_accuracy'])}, {_rows(before['click_samples'])} with a box)")
     return "\n".join(rows)
 
 

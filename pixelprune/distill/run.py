@@ -39,6 +39,9 @@ from pixelprune.settings import PruneSettings
 
 
 class Run:
+    """One `pixelprune distill` run in this process: `Run(...).execute(resume)` -> exit status;
+    afterwards `record` holds the provenance (main process, finished runs)."""
+
     def __init__(self, base: str, out: Path, settings: PruneSettings, plan: TrainPlan, labels: str,
                  prepared: Prepared, say):
         self.base, self.out, self.settings, self.plan = base, out, settings, plan

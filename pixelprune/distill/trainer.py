@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -121,11 +122,13 @@ def load_student(student, folder: Path) -> None:
 
 
 class DistillProgress(TrainerCallback):
-    """One tqdm bar (main process) with the running CE and KL per answer token of the last step."""
+    """One tqdm bar (main process) with CE and KL per answer token, running over the last
+    `window` optimizer steps (weighted by their answer tokens)."""
 
-    def __init__(self, file=None):
+    def __init__(self, file=None, window: int = 20):
         self.file = file
         self.bar = None
+        self.recent: deque = deque(maxlen=window)  # (CE sum, KL sum, answer tokens) per logged step
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -137,9 +140,14 @@ class DistillProgress(TrainerCallback):
             self.bar.update(state.global_step - self.bar.n)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.bar is not None and logs and "kl" in logs:
-            self.bar.set_postfix(ce=f"{logs['ce']:.4f}", kl=f"{logs['kl']:.4f}",
-                                 lr=f"{logs.get('learning_rate', 0.0):.2e}")
+        if self.bar is None or not logs or "kl" not in logs:
+            return
+        tokens = logs["answer_tokens"]
+        self.recent.append((logs["ce"] * tokens, logs["kl"] * tokens, tokens))
+        total = sum(t for _, _, t in self.recent)
+        self.bar.set_postfix(ce=f"{sum(c for c, _, _ in self.recent) / total:.4f}",
+                             kl=f"{sum(k for _, k, _ in self.recent) / total:.4f}",
+                             lr=f"{logs.get('learning_rate', 0.0):.2e}")
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:

@@ -178,3 +178,31 @@ def test_a_used_out_directory_is_refused(shots_dir, tmp_path, capsys):
     assert code == 2 and capsys.readouterr().err.strip() == (
         f"pixelprune distill: error: --out {tmp_path} is not empty; choose a new directory, or give --resume "
         "to continue a run there")
+
+
+def test_two_processes_share_the_work_and_count_tokens_over_both(shots_dir, tiny_checkpoint, tmp_path):
+    """torchrun with two CPU processes (gloo): data parallel training, teacher answers shared out,
+    answer tokens counted over both processes, one set of messages and files."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "pixelprune.cli", "distill", str(shots_dir / "screenspot_mobile_v2.json"), "--model",
+               str(tiny_checkpoint), "--out", str(out), *SHORT, "--batch-size", "1", "--max-steps", "3",
+               "--heldout", "0.17"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # its own process group: a timeout ends the workers too
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 0, stderr[-3000:]
+    assert stderr.count("training rows on") == 1 and stdout.count("KL per answer token") == 1
+    record = json.loads((out / "distill.json").read_text())
+    assert record["steps_done"] == 3 and record["heldout_metrics"]["after"]["samples"] == 2
+    # one row per process and step: every step counts the answer tokens of two rows (9 at most each)
+    assert all(entry["answer_tokens"] > 9 for entry in record["loss_curve"])
+    state = json.loads((out / "distill_state.json").read_text())
+    assert sorted(state["train_answers"]) == sorted(f"screenspot_mobile_v2:{i}" for i in range(12)
+                                                    if f"screenspot_mobile_v2:{i}" not in state["heldout_answers"])
