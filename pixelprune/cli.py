@@ -22,9 +22,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tiny-checkpoint": ("pixelprune.model.tiny", "write a tiny random-weight Qwen3-VL checkpoint for tests"),
     "serve": ("service.cli", "run the gRPC grounding service"),
     "eval": ("pixelprune.eval.command", "click accuracy per category with and without pruning (ScreenSpot formats)"),
+    "distill": ("pixelprune.distill.command", "fine-tune Qwen3-VL on pruned input, taught by its full-token self"),
 }
 # The extra a subcommand's imports come from, named when they are missing.
-EXTRAS = {"tiny-checkpoint": "model", "serve": "service", "eval": "model"}  # eval --target: "client"
+EXTRAS = {"tiny-checkpoint": "model", "serve": "service", "eval": "model",  # eval --target: "client"
+          "distill": "train"}
 
 
 def main(argv: list[str] | None = None) -> int:
