@@ -73,8 +73,10 @@ def interleaved(functions, runs: int) -> list[tuple[float, list]]:
     return [(statistics.median(t), r) for t, r in zip(times, results)]
 
 
-def stage_medians(timings: list[dict]) -> dict[str, float]:
-    return {k: 1e3 * statistics.median(t[k] for t in timings) for k in timings[0]}
+def stage_medians(timings: list) -> dict[str, float]:
+    """Median milliseconds of the preprocessing stages over runs (pixelprune.timings.Timings each)."""
+    return {k: 1e3 * statistics.median(getattr(t, k) for t in timings) for k in ("upload", "resize", "select",
+                                                                                  "patchify")}
 
 
 def check_same(cpu, dev, label: str) -> None:

@@ -229,7 +229,9 @@ def size_budgets(config, settings: dict, shots: dict, result: dict):
              if name not in result["serve"]["given"]}
     config = dataclasses.replace(config, **sized).validate()
     result["serve"]["sized"] = sized
-    result["serve"]["config"] = {name: getattr(config, name) for name in (
+    from service.config import option_default
+
+    result["serve"]["config"] = {name: option_default(name, config) for name in (
         "max_batch_size", "max_batch_tokens", "kv_cache_memory_fraction", "max_prefill_tokens", "no_cuda_graphs",
         "max_inflight_pixels", "queue_size", "admission_wait_s", "stall_timeout_s", "prefix_cache_bytes")}
     return config

@@ -34,9 +34,9 @@ def measure(engine, pixels, settings, instruction: str) -> dict:
         raise seq.error
     out = engine.output(seq)
     decoded = out.generated_tokens - 1
-    return {**{f"{stage}_ms": seconds * 1000 for stage, seconds in out.timings.items()},
+    return {**{f"{stage}_ms": ms for stage, ms in out.timings.ms().items()},
             "end_to_end_ms": end_to_end * 1000,
-            "decode_ms_per_token": out.timings["decode_tokens"] * 1000 / decoded if decoded > 0 else None,
+            "decode_ms_per_token": out.timings.decode_tokens * 1000 / decoded if decoded > 0 else None,
             "generated_tokens": out.generated_tokens, "kept_blocks": out.kept_blocks,
             "total_blocks": out.total_blocks, "kv_cache_bytes": out.kv_cache_bytes,
             "resized": list(prepared.resized_size), "eager_steps": sum(s.eager_steps for s in steps),

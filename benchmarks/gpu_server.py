@@ -20,7 +20,6 @@ Every frame differs from every other in its bytes, so the vision cache never hit
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import threading
 import time
@@ -44,7 +43,7 @@ def serve_options(flags: list[str], refused: tuple[str, ...] = ()) -> dict:
     """ServiceConfig fields set by `pixelprune serve` flags, read by service/config.py's own parser and
     checks (the environment is not read). ValueError for a flag naming a field in `refused` or a value
     the service refuses; an unknown flag ends the program with argparse's usage error (status 2)."""
-    from service.config import add_arguments, from_namespace
+    from service.config import add_arguments, from_namespace, option_default
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu (serve flags)", allow_abbrev=False,
                                      add_help=False)
@@ -54,18 +53,20 @@ def serve_options(flags: list[str], refused: tuple[str, ...] = ()) -> dict:
     if bad := sorted(given & set(refused)):
         raise ValueError(f"--{bad[0].replace('_', '-')} is set by the benchmark, not by a serve flag")
     config = from_namespace(namespace, {})
-    fields = {field.name for field in dataclasses.fields(ServiceConfig)}
-    options = {name: getattr(config, name) for name in given & fields}
-    if given - fields:  # --no-prune, --prune-method, ... make up one PruneSettings
-        options["prune"] = config.prune
+    options = {name: option_default(name, config) for name in given - {"no_prune"}}
+    if "no_prune" in given:
+        options["prune_enabled"] = config.prune.enabled
     return options
 
 
 def service_config(base: dict, options: dict) -> ServiceConfig:
-    """ServiceConfig() with `base` (the benchmark's own fields) and `options` (serve flags) over it, checked."""
-    if unknown := sorted((set(base) | set(options)) - {field.name for field in dataclasses.fields(ServiceConfig)}):
+    """A ServiceConfig of `base` (the benchmark's own options) and `options` (serve flags), by the flags' field
+    names (service.config.configure), checked."""
+    from service.config import configure, option_names
+
+    if unknown := sorted((set(base) | set(options)) - option_names()):
         raise ValueError(f"ServiceConfig has no field(s) {unknown}")
-    return dataclasses.replace(ServiceConfig(), **base, **options).validate()
+    return configure(**base, **options).validate()
 
 
 def budgets(callers: int, frame_pixels: list[int], single_pixels: list[int], max_image_pixels: int) -> dict:

@@ -149,7 +149,7 @@ def overhead(model: str, runs: int) -> dict:
             end = time.perf_counter()
             if i > 0:
                 rows.setdefault("engine_alone", []).append((end - start) * 1000)
-                staged = sum(output.timings[k] for k in ("vit", "prefill", "decode_tokens"))
+                staged = output.timings.vit + output.timings.prefill + output.timings.decode_tokens
                 rows.setdefault("engine_unstaged", []).append((end - ground_start - staged) * 1000)
     finally:
         server.stop()

@@ -9,6 +9,7 @@ default. The result is a frozen `ServiceConfig` passed explicitly from there on.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import math
 import os
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from pixelprune.cli_common import with_default
+from pixelprune.model.request import BatchSettings, ModelSpec
 from pixelprune.profiles import AUTO, get_profile
 from pixelprune.settings import PruneSettings
 
@@ -26,10 +28,6 @@ ENV_PREFIX = "PIXELPRUNE_"
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    model: str = "Qwen/Qwen3-VL-2B-Instruct"  # hub id or local checkpoint directory
-    device: str = "auto"  # torch device ("auto" = cuda when available, else cpu)
-    dtype: str = "auto"  # torch dtype name ("auto" = bf16 on cuda, fp32 on cpu)
-    max_new_tokens: int = 24  # generated tokens per answer (a point needs ~15)
     host: str = "0.0.0.0"  # address the gRPC and metrics servers bind
     port: int = 50051  # gRPC port (0 = any free port)
     metrics_port: int = 9464  # Prometheus /metrics port (0 = any free port, -1 = off)
@@ -41,30 +39,22 @@ class ServiceConfig:
     queue_size: int = 16  # requests waiting for the model worker before RESOURCE_EXHAUSTED
     max_concurrent_rpcs: int = 256  # open RPCs (incl. streams) before gRPC refuses new ones
     session_ttl_s: float = 600.0  # a session is forgotten this many seconds after its last frame
-    vision_cache_size: int = 32  # vision-encoder outputs kept in process (entries, LRU)
     drain_grace_s: float = 30.0  # on SIGTERM, seconds in-flight requests get to finish
     auth_token_file: str | None = None  # file holding the bearer token; None = no auth
     tls_cert: str | None = None  # PEM certificate chain; with tls_key enables TLS
     tls_key: str | None = None  # PEM private key
+    spec: ModelSpec = ModelSpec()  # the model: checkpoint, device, dtype, answer budget, profile
+    batch: BatchSettings = BatchSettings()  # the engine's batch limits, KV pool and caches
     prune: PruneSettings = PruneSettings()  # default pruning (requests may override each field)
     log_level: str = "INFO"  # Python logging level name
-    max_batch_size: int = 32  # sequences the model decodes together
-    max_batch_tokens: int | None = None  # KV pool positions: rows x (longest prompt + new tokens, bucketed);
-    #                                      None: sized from free device memory on CUDA, 32768 on a CPU
-    no_cuda_graphs: bool = False  # decode eagerly on CUDA (no graph capture)
-    stop_after_point: bool = False  # end an answer as soon as it holds a closed point
-    prefix_cache_bytes: int = 1024 * MIB  # device bytes of cached prompt prefixes (LRU; 0 = off)
     # --- hardening ---
     max_inflight_pixels: int = 50_000_000  # decoded pixels (width*height) of the images in flight, all RPCs together
     max_instruction_tokens: int = 512  # longest instruction accepted (tokens, special tokens counted as text)
     stream_idle_timeout_s: float = 60.0  # a stream with no frame for this long (nothing pending) is closed; 0 = never
     health_port: int = 0  # plaintext grpc.health.v1 server outside --max-concurrent-rpcs (0 = any free port, -1 = off)
     drain_delay_s: float = 5.0  # on SIGTERM: seconds of NOT_SERVING while still serving, before the drain grace
-    kv_cache_memory_fraction: float = 0.5  # CUDA without --max-batch-tokens: share of free memory the KV pool takes
-    max_prefill_tokens: int = 8192  # prompt tokens prefilled per engine step (a step's first prompt may exceed it)
     admission_wait_s: float = 1.0  # how long a Ground call waits in line for room before RESOURCE_EXHAUSTED
     stall_timeout_s: float = 30.0  # work waiting with no progress this long: health NOT_SERVING until it resumes
-    profile: str = "auto"  # model family's prompt, resize and answer space (pixelprune.profiles); auto = from the name
     # --- streams that cannot take the server ---
     stream_first_frame_timeout_s: float = 5.0  # a stream with no first frame this long is closed; 0 = idle timeout
     max_open_streams: int = 192  # open streams of the server; < max_concurrent_rpcs, so unary calls keep slots
@@ -74,32 +64,24 @@ class ServiceConfig:
     def validate(self) -> "ServiceConfig":
         """Raise ValueError (one line) for a setting that cannot work; return self."""
         checks = [
-            (bool(self.model), "--model must not be empty"),
+            (bool(self.spec.model), "--model must not be empty"),
             (0 <= self.port <= 65535, f"--port must be in 0..65535, got {self.port}"),
             (-1 <= self.metrics_port <= 65535, f"--metrics-port must be in -1..65535, got {self.metrics_port}"),
-            (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.spec.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.spec.max_new_tokens}"),
             (self.max_image_pixels >= 1, f"--max-image-pixels must be >= 1, got {self.max_image_pixels}"),
             (self.max_message_bytes >= 1024, f"--max-message-bytes must be >= 1024, got {self.max_message_bytes}"),
             (self.max_instruction_chars >= 1, "--max-instruction-chars must be >= 1"),
             (self.queue_size >= 1, f"--queue-size must be >= 1, got {self.queue_size}"),
             (self.max_concurrent_rpcs >= 1, "--max-concurrent-rpcs must be >= 1"),
             (self.session_ttl_s > 0 and math.isfinite(self.session_ttl_s), "--session-ttl-s must be > 0"),
-            (self.vision_cache_size >= 0, "--vision-cache-size must be >= 0"),
             (self.drain_grace_s >= 0 and math.isfinite(self.drain_grace_s), "--drain-grace-s must be >= 0"),
             ((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together"),
             (self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
              f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}"),
             (self.redis_url is None or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
              "--redis-url must start with redis://, rediss:// or unix://"),
-            (self.max_batch_size >= 1, f"--max-batch-size must be >= 1, got {self.max_batch_size}"),
-            (self.max_batch_tokens is None or self.max_batch_tokens >= 256,
-             f"--max-batch-tokens must be >= 256, got {self.max_batch_tokens}"),
-            (0 < self.kv_cache_memory_fraction <= 1,
-             f"--kv-cache-memory-fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"),
-            (self.max_prefill_tokens >= 1, f"--max-prefill-tokens must be >= 1, got {self.max_prefill_tokens}"),
             (self.admission_wait_s >= 0 and math.isfinite(self.admission_wait_s), "--admission-wait-s must be >= 0"),
             (self.stall_timeout_s > 0 and math.isfinite(self.stall_timeout_s), "--stall-timeout-s must be > 0"),
-            (self.prefix_cache_bytes >= 0, f"--prefix-cache-bytes must be >= 0, got {self.prefix_cache_bytes}"),
         ]
         checks += self._hardening_checks()
         for ok, message in checks:
@@ -110,8 +92,8 @@ class ServiceConfig:
             if path is not None and not os.path.isfile(path):
                 raise ValueError(f"--{name.replace('_', '-')}: no such file: {path}")
         self.auth_tenants()  # a malformed token file is reported now, not after the model has loaded
-        if self.profile != AUTO:
-            get_profile(self.profile)  # an unknown name: one line, before any checkpoint is looked at
+        if self.spec.profile != AUTO:
+            get_profile(self.spec.profile)  # an unknown name: one line, before any checkpoint is looked at
         return self
 
     def _hardening_checks(self) -> list[tuple[bool, str]]:
@@ -180,6 +162,70 @@ def parse_token_file(text: str, path: str = "--auth-token-file") -> dict[str, st
             raise ValueError(f"{where}: a token is listed twice (tenants {tenants[token]!r} and {tenant!r})")
         tenants[token] = tenant
     return tenants
+
+
+# Options whose flags set a field of a nested settings object: option -> (ServiceConfig field, its field,
+# how the flag's value maps onto it). Every other option is a ServiceConfig field of the same name.
+_NESTED: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
+    **{name: ("spec", name, lambda v: v) for name in ("model", "device", "dtype", "max_new_tokens", "profile")},
+    **{name: ("batch", name, lambda v: v) for name in ("max_batch_size", "max_batch_tokens", "kv_cache_memory_fraction",
+                                                       "max_prefill_tokens", "stop_after_point", "prefix_cache_bytes",
+                                                       "vision_cache_size")},
+    "no_cuda_graphs": ("batch", "cuda_graphs", lambda v: not v),
+    **{f"prune_{name}": ("prune", name, lambda v: v) for name in ("method", "metric", "tau", "enabled")},
+}
+
+
+def option_names() -> set[str]:
+    """Every option a flag can set, by field name (`configure`'s keywords)."""
+    return (set(ServiceConfig.__dataclass_fields__) - {"spec", "batch", "prune"}) | set(_NESTED)
+
+
+def option_default(option: str, config: "ServiceConfig | None" = None):
+    """The value of one option (a flag's field name) in `config` (default: the defaults)."""
+    config = ServiceConfig() if config is None else config
+    if option not in _NESTED:
+        return getattr(config, option)
+    group, name, to_field = _NESTED[option]
+    value = getattr(getattr(config, group), name)
+    return (not value) if option == "no_cuda_graphs" else value
+
+
+def configure(base: "ServiceConfig | None" = None, **options) -> "ServiceConfig":
+    """A ServiceConfig from options by the flags' field names (`max_batch_tokens`, `prune_tau`, `model`, ...)
+    over `base` (default: the defaults); not validated. ValueError naming the flag for a value a nested
+    settings object refuses; TypeError for an unknown option."""
+    base = ServiceConfig() if base is None else base
+    top, nested = {}, {"spec": {}, "batch": {}, "prune": {}}
+    for option, value in options.items():
+        if option in _NESTED:
+            group, name, to_field = _NESTED[option]
+            nested[group][name] = to_field(value)
+        elif option in ServiceConfig.__dataclass_fields__ and option not in nested:
+            top[option] = value
+        else:
+            raise TypeError(f"unknown serve option {option!r}")
+    for group, changes in nested.items():
+        if changes:
+            try:
+                top[group] = dataclasses.replace(getattr(base, group), **changes)
+            except ValueError as exc:
+                raise ValueError(_flag_message(group, changes, str(exc))) from None
+    return dataclasses.replace(base, **top)
+
+
+def _flag_message(group: str, changes: dict, message: str) -> str:
+    """A nested settings object's complaint with the flag's name: "max_batch_tokens must ..." ->
+    "--max-batch-tokens must ..."; pruning's ("unknown pruning method ...") -> "--prune-method: ..."."""
+    if group == "prune":
+        name = next((n for n in ("method", "metric", "tau") if f"pruning {n}" in message or message.startswith(n)),
+                    "method")
+        return f"--prune-{name}: {message}"
+    for name in changes:
+        if message.startswith(name):
+            flag = "--no-cuda-graphs" if name == "cuda_graphs" else "--" + name.replace("_", "-")
+            return flag + message[len(name):]
+    return message
 
 
 def _bool(text: str) -> bool:
@@ -269,7 +315,7 @@ def env_name(flag: str) -> str:
 HELP_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "model": (
         f"the checkpoint, where it runs, how requests are pruned by default. --model is a checkpoint directory "
-        f"or a Hugging Face hub id; the default, {ServiceConfig.model}, is fetched from the hub once (then read "
+        f"or a Hugging Face hub id; the default, {ModelSpec.model}, is fetched from the hub once (then read "
         f"from its cache). With no network: `pixelprune tiny-checkpoint DIR` writes a test checkpoint (random "
         f"weights) to serve with --model DIR",
         ("model", "profile", "device", "dtype", "max_new_tokens", "stop_after_point",
@@ -301,10 +347,9 @@ OTHER_GROUP = "other options"
 
 def _argument_specs() -> dict[str, tuple[str, dict[str, Any]]]:
     """field -> (flag, add_argument keywords) of every serve option, in _OPTIONS / _SWITCHES order."""
-    defaults = ServiceConfig()
     specs: dict[str, tuple[str, dict[str, Any]]] = {}
     for field, flag, _parse, help_text in _OPTIONS:
-        default = getattr(defaults.prune, field[len("prune_"):]) if field.startswith("prune_") else getattr(defaults, field)
+        default = option_default(field)
         specs[field] = (flag, dict(dest=field, default=None, metavar=field.split("_")[-1].upper(),
                                    help=with_default(help_text, default, env_name(flag))))
     for field, flag, help_text in [("no_prune", "--no-prune", "run the model on every block by default")] + _SWITCHES:
@@ -352,13 +397,7 @@ def from_namespace(args: argparse.Namespace, environ: Mapping[str, str]) -> Serv
             switch = _bool(environ[env_name(flag)])
         if switch is not None:
             values[field] = switch
-    prune = {name[len("prune_"):]: values.pop(name) for name in list(values) if name.startswith("prune_")}
-    try:
-        values["prune"] = PruneSettings(**prune)
-    except ValueError as exc:  # name the flag: "unknown pruning method ..." -> --prune-method
-        field = next((name for name in ("method", "metric", "tau") if f"pruning {name}" in str(exc)), "method")
-        raise ValueError(f"--prune-{field}: {exc}") from None
-    return ServiceConfig(**values).validate()
+    return configure(**values).validate()
 
 
 def from_args_and_env(argv: Sequence[str], environ: Mapping[str, str]) -> ServiceConfig:

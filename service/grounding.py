@@ -30,6 +30,7 @@ import numpy as np
 from pixelprune.hashing import block_hashes
 from pixelprune.keepmask import pack_keep
 from pixelprune.settings import PruneSettings
+from pixelprune.timings import Timings
 from pixelprune.model.request import GroundRequest
 from pixelprune.model.scheduler import Status
 from service.admission import STREAM, UNARY, Admission
@@ -67,7 +68,7 @@ class GroundAnswer:
     cache_hit: bool  # answered from the session, no model
     vision_cache_hit: bool  # the vision features were reused
     session_id: str  # "" without a session
-    timings_ms: dict  # decode, resize, select, patchify, vit, prefill, ttft, decode_tokens, queue, total (ms)
+    timings: Timings  # seconds per stage (pixelprune.timings), with the events of the way to the first token
     image_size: tuple[int, int]  # (W, H) as sent
     model_size: tuple[int, int]  # (w, h) after smart_resize
     random_weights: bool  # the model has random weights: the answer means nothing
@@ -133,16 +134,16 @@ class Grounder:
         """Answer one query. `deadline` is a time.monotonic() value; ValueError for bad input.
 
         A full model queue raises QueueFull at once, or, with `wait_while`, once it turns False."""
-        arrival, arrival_clock = time.perf_counter(), time.monotonic()
+        arrival = time.monotonic()
         self.validate(query)
         settings, key = query.pruning, query.pruning.key
         src = source_digest(query.image)
         previous = self.store.get(query.session_key) if query.session_id else None
         if self._same_request(previous, query.instruction, key) and previous.source_digest == src:
             return self._from_session(query, previous, src, arrival, decode_s=0.0)
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         pixels = decode_image(query.image, self.max_image_pixels, is_active)
-        decode_s = time.perf_counter() - t0
+        decode_s = time.monotonic() - t0
         prepared = self.engine.prepare(pixels, settings)
         del pixels  # the decoded screenshot: freed before waiting for the model (prepared holds the resized one)
         # Block hashes serve only the session (compare, save): without one, no pass over the pixels.
@@ -161,7 +162,7 @@ class Grounder:
         request = GroundRequest(prepared=prepared, instruction=query.instruction,
                                 cache_key=frame_key(query.tenant, content, key, prepared.resized_size))
         seq = self.engine.sequence(request, deadline, is_active)  # never fitting: INVALID_ARGUMENT, not queued
-        output, queue_s = self._model_step(seq, is_active, wait_while)
+        output, queued = self._model_step(seq, is_active, wait_while)
         rows, cols, keep_bits = pack_keep(prepared.keep)
         answer = CachedAnswer(raw_text=output.raw_text, point=output.point, point_normalized=output.point_normalized,
                               kept_blocks=output.kept_blocks, total_blocks=output.total_blocks,
@@ -172,11 +173,14 @@ class Grounder:
                 original_size=prepared.original_size, resized_size=prepared.resized_size,
                 block_hashes=hashes.astype("<u8", copy=False).tobytes(), source_digest=src, content_key=content,
                 instruction=query.instruction, settings=key, answer=answer))
-        ttft_s = seq.first_token_at - arrival_clock
-        timings = {**output.timings, "decode": decode_s, "queue": queue_s, "ttft": ttft_s}
-        self.metrics.record_stages({k: v for k, v in timings.items() if k != "vit" or not output.vision_reused})
-        self.metrics.record_model_run(output.kept_blocks, output.total_blocks, output.kv_cache_bytes, ttft_s)
-        self.metrics.record_decode(output.timings["decode_tokens"], output.generated_tokens)
+        timings = replace(output.timings, decode=decode_s, queue=seq.admitted_at - queued).with_events(
+            ("arrival", arrival), ("queued", queued))  # ttft: from the request's arrival
+        stages = timings.stages()
+        if output.vision_reused:
+            del stages["vit"]
+        self.metrics.record_stages(stages)
+        self.metrics.record_model_run(output.kept_blocks, output.total_blocks, output.kv_cache_bytes, timings.ttft)
+        self.metrics.record_decode(timings.decode_tokens, output.generated_tokens)
         if self.engine.batch_settings.prefix_cache_bytes:
             self.metrics.record_prefix_cache(output.prefix_reused, self.engine.prefix_cache_bytes)
         return self._answer(query, answer, changed=changed, cache_hit=False, vision_hit=output.vision_reused,
@@ -186,8 +190,8 @@ class Grounder:
 
     def _model_step(self, seq, is_active: Callable[[], bool], wait_while: Callable[[], bool] | None):
         """The engine's part: a place in its waiting line (streams wait while wanted, unary calls a bounded
-        time), then the loop, batched with everyone else. Returns (GroundingOutput, seconds from asking for
-        the place to the engine admitting it). The vision and prefix caches are read in the engine, not
+        time), then the loop, batched with everyone else. Returns (GroundingOutput, the monotonic time the
+        place was asked for). The vision and prefix caches are read in the engine, not
         here, so that of several requests queued on one new frame only the first runs the ViT."""
         asked = time.monotonic()
         kind = UNARY if wait_while is None else STREAM
@@ -198,7 +202,7 @@ class Grounder:
             seq = future.result()
         finally:
             ticket.release()
-        return self._outcome(seq), (seq.admitted_at or time.monotonic()) - asked
+        return self._outcome(seq), asked
 
     def _started(self, ticket, asked: float) -> Callable:
         def started(waited: float | None) -> None:
@@ -234,21 +238,18 @@ class Grounder:
         self.store.put(query.session_key, previous)
         return self._answer(query, previous.answer, changed=0.0, cache_hit=True, vision_hit=False,
                             image_size=previous.original_size, model_size=previous.resized_size,
-                            timings={"decode": decode_s}, arrival=arrival)
+                            timings=Timings(decode=decode_s), arrival=arrival)
 
     def _answer(self, query: GroundQuery, answer: CachedAnswer, *, changed: float, cache_hit: bool,
-                vision_hit: bool, image_size: tuple[int, int], model_size: tuple[int, int], timings: dict,
+                vision_hit: bool, image_size: tuple[int, int], model_size: tuple[int, int], timings: Timings,
                 arrival: float, prefix_hit: bool = False, kv_bytes: int = 0) -> GroundAnswer:
         """The answer to `query` from a model run's or a session's CachedAnswer (keep mask included);
-        `timings` in seconds by stage, `arrival` a time.perf_counter() value."""
-        stages = ("decode", "upload", "resize", "select", "patchify", "vit", "prefill", "ttft", "decode_tokens",
-                  "queue")
-        timings_ms = {name: 1000.0 * timings.get(name, 0.0) for name in stages}
-        timings_ms["total"] = 1000.0 * (time.perf_counter() - arrival)
+        `arrival` a time.monotonic() value."""
+        timings = replace(timings, total=time.monotonic() - arrival)
         return GroundAnswer(
             found=answer.point is not None, point=answer.point, point_normalized=answer.point_normalized,
             raw_answer=answer.raw_text, kept_blocks=answer.kept_blocks, total_blocks=answer.total_blocks,
             changed_fraction=changed, cache_hit=cache_hit, vision_cache_hit=vision_hit,
-            session_id=query.session_id, timings_ms=timings_ms, image_size=tuple(image_size),
+            session_id=query.session_id, timings=timings, image_size=tuple(image_size),
             model_size=tuple(model_size), random_weights=bool(self.engine.is_random_weights), keep=answer.keep(),
             prefix_cache_hit=prefix_hit, kv_cache_bytes=int(kv_bytes), answer_logprob=answer.answer_logprob)

@@ -11,15 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from service.health import STALL_REASONS
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics,
                                start_http_server)
+
+from pixelprune.timings import STAGES  # the stage names, defined once
+from service.health import STALL_REASONS
 
 # Seconds: 1 ms .. 60 s, roughly x2.5 per step.
 TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0)
 RATIO_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 BYTES_BUCKETS = tuple(float(4 ** k * 1024) for k in range(3, 14))  # 64 KiB .. 64 GiB, x4
-STAGES = ("decode", "upload", "resize", "select", "patchify", "vit", "prefill", "decode_tokens")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # sequences per decode step
 TPOT_BUCKETS = (0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 # Every status code the service reports; their series exist from the start, so the first burst of

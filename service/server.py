@@ -144,33 +144,20 @@ def return_large_buffers_to_the_os() -> bool:
     return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
-def batch_settings(config: ServiceConfig):
-    """The engine's batch limits and caches from the serve flags."""
-    from pixelprune.model.request import BatchSettings
-
-    return BatchSettings(max_batch_size=config.max_batch_size, max_batch_tokens=config.max_batch_tokens,
-                         kv_cache_memory_fraction=config.kv_cache_memory_fraction,
-                         max_prefill_tokens=config.max_prefill_tokens,
-                         cuda_graphs=not config.no_cuda_graphs, stop_after_point=config.stop_after_point,
-                         prefix_cache_bytes=config.prefix_cache_bytes, vision_cache_size=config.vision_cache_size)
-
-
 def load_engine(config: ServiceConfig):
     """The configured model, loaded (imports torch and transformers), with its profile (--profile; auto: from
     the checkpoint's name and card) logged, and a warning when --max-new-tokens cuts the family's answers."""
-    from pixelprune.model.engine import GroundingEngine, ModelSpec
+    from pixelprune.model.engine import GroundingEngine
 
-    engine = GroundingEngine.load(ModelSpec(model=config.model, device=config.device, dtype=config.dtype,
-                                            max_new_tokens=config.max_new_tokens, profile=config.profile),
-                                  batch=batch_settings(config))
+    engine = GroundingEngine.load(config.spec, batch=config.batch)
     profile = engine.profile
     log.info("profile %s (%s): %s, answers in %s; %s", profile.name, engine.profile_reason, profile.family,
              profile.coordinates.name, profile.source)
     if getattr(engine.model.config, "pixelprune_rigged_answer", None) and str(engine.dtype) != "torch.float32":
-        log.warning("%s is rigged to a fixed answer, which holds in float32 only (--dtype float32)", config.model)
-    if config.max_new_tokens < profile.answer_tokens:
+        log.warning("%s is rigged to a fixed answer, which holds in float32 only (--dtype float32)", config.spec.model)
+    if config.spec.max_new_tokens < profile.answer_tokens:
         log.warning("--max-new-tokens %d is shorter than a whole %s answer (~%d tokens): answers may be cut off",
-                    config.max_new_tokens, profile.name, profile.answer_tokens)
+                    config.spec.max_new_tokens, profile.name, profile.answer_tokens)
     return engine
 
 
@@ -178,7 +165,8 @@ def session_key_prefix(config: ServiceConfig) -> str:
     """Redis key prefix of this replica's sessions: `--redis-prefix` plus a tag of the model, the
     answer length and the profile, so replicas share sessions (and cached answers) only when they
     would give the same answers; a replica serving another model never returns this one's."""
-    tag = hashlib.blake2b(f"{config.model}|{config.max_new_tokens}|{config.profile}".encode(),
+    spec = config.spec
+    tag = hashlib.blake2b(f"{spec.model}|{spec.max_new_tokens}|{spec.profile}".encode(),
                           digest_size=6).hexdigest()
     return f"{config.redis_prefix}{tag}:"
 
@@ -270,8 +258,8 @@ def create_server(config: ServiceConfig, engine=None, registry: CollectorRegistr
                   warmup: bool = True) -> ServerHandle:
     """Start a server for `config` (port 0 = any free port) and return its handle.
 
-    engine: a loaded GroundingEngine (None = load config.model; a given one keeps its own batch
-    settings: build it with `batch_settings(config)`). registry: where metrics go
+    engine: a loaded GroundingEngine (None = load config.spec; a given one keeps its own batch
+    settings: build it with `config.batch`). registry: where metrics go
     (None = a fresh one). warmup=False leaves health NOT_SERVING until handle.warmup()."""
     config.validate()
     tenants = config.auth_tenants()
@@ -281,7 +269,7 @@ def create_server(config: ServiceConfig, engine=None, registry: CollectorRegistr
 
     metrics = ServiceMetrics(registry)
     metrics.record_kv_capacity(engine.kv_capacity_tokens)  # again after the warm-up, which sizes it on CUDA
-    metrics.record_model(config.model, engine.profile.name)
+    metrics.record_model(config.spec.model, engine.profile.name)
     loop = EngineLoop(engine, on_step=lambda step: metrics.record_step(step, loop.waiting))
     server = _grpc_server(config, metrics, tenants)
     admission = _admission(config, engine, metrics)

@@ -80,18 +80,19 @@ def query_from_pb(request: pb.GroundRequest, defaults: PruneSettings, tenant: st
                        session_id=request.session_id, pruning=settings_from_pb(pruning, defaults), tenant=tenant)
 
 
+TIMING_FIELDS = ("decode", "upload", "resize", "select", "patchify", "vit", "prefill", "ttft", "decode_tokens",
+                 "queue", "total")  # pixelprune.timings.Timings fields the proto's Timings carries (as *_ms)
+
+
 def to_pb(answer: GroundAnswer, skipped_frames: int = 0, sequence: int = 0) -> pb.GroundResponse:
-    t = answer.timings_ms
+    t = answer.timings.ms()
     response = pb.GroundResponse(
         found=answer.found, raw_answer=answer.raw_answer, kept_blocks=answer.kept_blocks,
         total_blocks=answer.total_blocks, retain_ratio=answer.retain_ratio,
         changed_fraction=answer.changed_fraction, cache_hit=answer.cache_hit,
         vision_cache_hit=answer.vision_cache_hit, session_id=answer.session_id,
         skipped_frames=skipped_frames, sequence=sequence,
-        timings=pb.Timings(decode_ms=t["decode"], resize_ms=t["resize"], select_ms=t["select"],
-                           patchify_ms=t["patchify"], vit_ms=t["vit"], prefill_ms=t["prefill"],
-                           ttft_ms=t["ttft"], decode_tokens_ms=t["decode_tokens"], queue_ms=t["queue"],
-                           total_ms=t["total"], upload_ms=t["upload"]),
+        timings=pb.Timings(**{f"{stage}_ms": t[stage] for stage in TIMING_FIELDS}),
         image_width=answer.image_size[0], image_height=answer.image_size[1],
         model_width=answer.model_size[0], model_height=answer.model_size[1],
         random_weights=answer.random_weights, prefix_cache_hit=answer.prefix_cache_hit,

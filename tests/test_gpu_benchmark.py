@@ -222,13 +222,13 @@ def test_serve_options_follow_the_service_parser():
 
     options = serve_options(["--max-batch-size", "4", "--no-cuda-graphs", "--max-prefill-tokens", "512",
                              "--kv-cache-memory-fraction", "0.25", "--stall-timeout-s", "9", "--prune-tau", "0.1"])
-    assert {k: v for k, v in options.items() if k != "prune"} == {
-        "max_batch_size": 4, "no_cuda_graphs": True, "max_prefill_tokens": 512, "kv_cache_memory_fraction": 0.25,
-        "stall_timeout_s": 9.0}
-    assert options["prune"].tau == 0.1
+    assert options == {"max_batch_size": 4, "no_cuda_graphs": True, "max_prefill_tokens": 512,
+                       "kv_cache_memory_fraction": 0.25, "stall_timeout_s": 9.0, "prune_tau": 0.1}
     assert serve_options([]) == {}
     config = service_config({"model": "m", "port": 0}, options)
-    assert (config.model, config.port, config.max_batch_size, config.max_batch_tokens) == ("m", 0, 4, None)
+    assert (config.spec.model, config.port, config.batch.max_batch_size, config.batch.max_batch_tokens) == (
+        "m", 0, 4, None)
+    assert (config.batch.cuda_graphs, config.prune.tau) == (False, 0.1)
     with pytest.raises(ValueError, match="--max-prefill-tokens must be >= 1"):
         serve_options(["--max-prefill-tokens", "0"])
     with pytest.raises(ValueError, match="--max-batch-tokens: cannot read 'many'"):

@@ -26,13 +26,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pixelprune.cli import CliError
+from pixelprune.cli_common import CliError, UsageError
 from pixelprune.distill.data import FORMATS
-from pixelprune.distill.plan import TrainPlan
+from pixelprune.distill.plan import STATE, TrainPlan
 from pixelprune.distill.prepare import heldout_fraction, prepare_data
 from pixelprune.settings import PruneSettings
 
-STATE = "distill_state.json"  # in --out: what a resumed run reuses (teacher answers, metrics before)
 CONFIGS = Path(__file__).resolve().parent / "configs"  # the shipped DeepSpeed ZeRO-2 and FSDP configs
 MAIN_PROCESS = os.environ.get("RANK", "0") == "0"  # torchrun / accelerate launch number their processes in RANK
 DEFAULTS = {"alpha": 0.5, "temperature": 1.0, "max_steps": 2000, "lr": 1e-5, "batch_size": 1, "grad_accum": 1,
@@ -57,7 +56,7 @@ def _plan(args) -> TrainPlan:
                                                            "or use --deepspeed)")]
     for ok, message in checks:
         if not ok:
-            raise CliError(message)
+            raise UsageError(message)
     warmup = min(100, args.max_steps // 10) if args.warmup_steps is None else args.warmup_steps
     return TrainPlan(method=args.method, lora_rank=args.lora_rank, alpha=args.alpha, temperature=args.temperature,
                      max_steps=args.max_steps, lr=args.lr, warmup_steps=warmup, batch_size=args.batch_size,
@@ -75,26 +74,26 @@ def config_file(value: str | None, flag: str) -> str | None:
     if shipped.is_file():
         return str(shipped)
     names = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.json")))
-    raise CliError(f"{flag} {value}: no such file (the configs shipped with pixelprune: {names})")
+    raise UsageError(f"{flag} {value}: no such file (the configs shipped with pixelprune: {names})")
 
 
 def _check_out(out: Path, resume) -> None:
     if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} is a file, not a directory")
+        raise UsageError(f"--out {out} is a file, not a directory")
     if resume:
         if not (out / STATE).is_file():
-            raise CliError(f"--resume: {out} holds no distillation run to resume ({STATE} missing)")
+            raise UsageError(f"--resume: {out} holds no distillation run to resume ({STATE} missing)")
     elif out.exists() and any(out.iterdir()):
-        raise CliError(f"--out {out} is not empty; choose a new directory, or give --resume to continue a run there")
+        raise UsageError(f"--out {out} is not empty; choose a new directory, or give --resume to continue a run there")
 
 
 def _settings(args) -> PruneSettings:
     settings = PruneSettings.parse(args.settings)
     if not settings.enabled and args.alpha == 0:
-        raise CliError("nothing to distil: with --settings full the student sees every block, so the KL term is 0; "
+        raise UsageError("nothing to distil: with --settings full the student sees every block, so the KL term is 0; "
                        "give a pruning setting or --alpha > 0")
     if args.heldout is not None and heldout_fraction(args.heldout) is None and not Path(args.heldout).exists():
-        raise CliError(f"--heldout {args.heldout}: neither a fraction in (0, 1) nor an existing file or folder")
+        raise UsageError(f"--heldout {args.heldout}: neither a fraction in (0, 1) nor an existing file or folder")
     return settings
 
 
@@ -104,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_out(out, args.resume)
     if args.report and not Path(args.report).resolve().parent.is_dir():
-        raise CliError(f"--report {args.report}: its folder does not exist")
+        raise UsageError(f"--report {args.report}: its folder does not exist")
     prepared = prepare_data(args.data, args.format, args.images, args.heldout, args.eval_data or [], args.labels,
                             args.seed, report=lambda row: say(f"skipped {row}"))
     say(f"{len(prepared.train)} training rows on {prepared.record['train_screenshots']} screenshots, "
@@ -115,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         job = Run(args.model, out, settings, plan, args.labels, prepared, say)
     except ModuleNotFoundError as exc:
         if plan.deepspeed and "deepspeed" in str(exc):
-            raise CliError("--deepspeed needs the deepspeed package: pip install deepspeed (beside a CUDA build "
+            raise UsageError("--deepspeed needs the deepspeed package: pip install deepspeed (beside a CUDA build "
                            "of torch)") from None
         raise CliError(f"{exc}; pixelprune distill needs the 'train' extra: pip install 'pixelprune[train]'") from None
     code = job.execute(args.resume)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+STATE = "distill_state.json"  # in --out: what a resumed run reuses (teacher answers, metrics before)
+
 
 @dataclass(frozen=True)
 class TrainPlan:

@@ -24,10 +24,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as transformers_logging
 
 from pixelprune.distill.batch import Collator, TrainItem, pad_id, text_answer_ids
-from pixelprune.distill.command import STATE
 from pixelprune.distill.heldout import measure
 from pixelprune.distill.labels import answer_text, greedy_answers
-from pixelprune.distill.plan import TrainPlan
+from pixelprune.distill.plan import STATE, TrainPlan
 from pixelprune.distill.prepare import Prepared
 from pixelprune.distill.report import (PROVENANCE, loss_curve, now, ratio, summary, versions, write_json,
                                        write_readme)

@@ -92,7 +92,7 @@ class EngineRunner:
         except ValueError as exc:
             raise SampleFailed(str(exc)) from None
         return Answer(point=out.point, raw_answer=out.raw_text, kept_blocks=out.kept_blocks,
-                      total_blocks=out.total_blocks, ttft_ms=1000.0 * out.timings["ttft"],
+                      total_blocks=out.total_blocks, ttft_ms=1000.0 * out.timings.ttft,
                       kv_bytes=out.kv_cache_bytes or None, random_weights=self.engine.is_random_weights,
                       answer_logprob=out.answer_logprob)
 

@@ -41,6 +41,7 @@ from pixelprune.geometry import (
 from pixelprune.model.selectors_torch import check_image_tensor, select_blocks_torch
 from pixelprune.selectors import select_blocks, threshold_units
 from pixelprune.settings import PruneSettings
+from pixelprune.timings import Timings
 
 _PRECISION_BITS = 22  # Pillow Resample.c: 32 - 8 - 2
 _ROUND = 1 << (_PRECISION_BITS - 1)  # added before the shift: round half up
@@ -153,7 +154,7 @@ class DevicePrep:
     resized: torch.Tensor | np.ndarray  # uint8 (h, w, 3): on the device, or on the host after a tau > 0 scan
     keep: np.ndarray  # bool (h/32, w/32) on the host: True = block kept
     pixel_values: torch.Tensor  # (4*kept, 1536) rows of the kept blocks on the device, model dtype
-    timings: dict  # seconds: "upload", "resize", "select", "patchify"
+    timings: Timings  # seconds of upload, resize, select, patchify
 
 
 _STREAMS = threading.local()  # .by_device: torch.device -> this thread's preprocessing stream
@@ -217,4 +218,4 @@ def prepare_on_device(original: np.ndarray, size: tuple[int, int], settings: Pru
         _sync(stream)
         t4 = time.perf_counter()
     return DevicePrep(resized=resized if host is None else host, keep=keep, pixel_values=pixel_values,
-                      timings={"upload": t1 - t0, "resize": t2 - t1, "select": t3 - t2, "patchify": t4 - t3})
+                      timings=Timings(upload=t1 - t0, resize=t2 - t1, select=t3 - t2, patchify=t4 - t3))

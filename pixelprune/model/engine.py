@@ -23,6 +23,7 @@ records metrics or logs requests: the service does.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -42,7 +43,7 @@ from pixelprune.model.pipeline import (PreparedImage, chat_token_ids, image_toke
                                        vision_spec)
 from pixelprune.model.positions import same_masks
 from pixelprune.model.processor import load_processor
-from pixelprune.model.request import CPU_KV_TOKENS, BatchSettings, GroundingOutput, GroundRequest
+from pixelprune.model.request import CPU_KV_TOKENS, BatchSettings, GroundingOutput, GroundRequest, ModelSpec
 from pixelprune.model.runner import ModelRunner, Work
 from pixelprune.model.scheduler import LENGTH_BUCKETS, Scheduler, SchedulerLimits, Sequence, Status, StepResult
 from pixelprune.profiles import AUTO, QWEN3_VL, ModelProfile, checkpoint_hints, resolve_profile
@@ -59,16 +60,6 @@ PROMPT_CACHE_SIZE = 256  # prompt texts whose chat token ids the engine keeps (a
 TEXT_ATTENTION = ("sdpa", "eager", SLOT_ATTENTION)  # text attentions the engine drives (sdpa becomes SLOT_ATTENTION)
 WARMUP_KV_TOKENS = 16384  # KV pool positions while the model warms up on CUDA (then sized from free memory)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    model: str = "Qwen/Qwen3-VL-2B-Instruct"  # hub id or local checkpoint directory
-    device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:N"
-    dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16", "float16"
-    attn_implementation: str | None = None  # None: flash_attention_2 on CUDA when installed, else sdpa
-    max_new_tokens: int = 24  # generation budget per answer (greedy)
-    profile: str = AUTO  # model profile (pixelprune.profiles) name, or "auto": from the checkpoint's name and card
 
 
 def resolve_device(device: str) -> torch.device:
@@ -349,16 +340,19 @@ class GroundingEngine:
         prepared = work.prepared
         raw_text = self.processor.tokenizer.decode(seq.tokens, skip_special_tokens=True)
         found = self.profile.point(raw_text, prepared.resized_size, prepared.original_size)
-        engine_ttft = seq.first_token_at - seq.admitted_at
+        now = time.monotonic()
+        timings = dataclasses.replace(prepared.timings, vit=seq.vit_s, prefill=seq.prefill_s,
+                                      decode_tokens=now - seq.first_token_at)
+        timings = timings.with_events(("admitted", seq.admitted_at), ("vit_start", seq.vit_start),
+                                      ("vit_end", seq.vit_end), ("prefill_start", seq.prefill_start),
+                                      ("first_token", seq.first_token_at))
         return GroundingOutput(
             raw_text=raw_text, point=None if found is None else found.pixels,
             point_normalized=None if found is None else found.normalized,
             kept_blocks=prepared.kept_blocks, total_blocks=prepared.total_blocks,
             retain_ratio=prepared.kept_blocks / prepared.total_blocks,
             kv_cache_bytes=seq.prompt_tokens * self.kv_bytes_per_token, vision=seq.vision,
-            timings={**prepared.timings, "vit": seq.vit_s, "prefill": seq.prefill_s,
-                     "decode_tokens": time.monotonic() - seq.first_token_at,
-                     "ttft": prepared.prepare_s + engine_ttft},
+            timings=dataclasses.replace(timings, ttft=prepared.prepare_s + timings.ttft),  # + the caller's part
             vision_reused=seq.vision_hit, generated_tokens=len(seq.tokens), prefix_reused=seq.prefix_hit,
             answer_logprob=seq.logprob)
 

@@ -30,12 +30,13 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from pixelprune.model.adapter import VisionFeatures
 from pixelprune.model.attention import SLOT_ATTENTION, SlotRows
 from pixelprune.model.kvcache import SlotKVCache
-from pixelprune.model.positions import prune_token_inputs
+from pixelprune.model.positions import prune_token_inputs, pruned_prompt_positions
 
 log = logging.getLogger(__name__)
 MAX_GRAPHS = 256  # CUDA graphs kept (rows buckets x slot lengths x kv lengths); beyond this, eager steps
@@ -57,6 +58,8 @@ class Prompt:
     positions: torch.Tensor  # (4, L) int64: text position, then MRoPE t, h, w (the full image's, at kept tokens)
     visual: torch.Tensor  # (L,) bool: True at the image tokens
     prefix_len: int  # tokens up to and including the last image token (0: no image)
+    end_mrope: int  # MRoPE position (all three rows) of the token after the prompt
+    prefix_mrope: int  # MRoPE position of the first token after the prefix (= end_mrope when nothing follows)
 
     @property
     def length(self) -> int:
@@ -78,16 +81,34 @@ class Chunk:
 
 def build_prompt(model, input_ids: torch.Tensor, grids: list[tuple[int, int, int]], keep) -> Prompt:
     """The pruned prompt of one full token sequence (1, L_full) with its images' grids and keep masks:
-    `prune_token_inputs` (MRoPE of the full sequence at the kept columns, text row = index)."""
+    `prune_token_inputs` (MRoPE of the full sequence at the kept columns, text row = index). The engine
+    builds the same prompt on the host (`prompt_from_chat`); this is the transformers reference."""
     if not grids:
         length = input_ids.shape[1]
         positions = torch.arange(length, device=input_ids.device).expand(4, length).clone()
-        return Prompt(input_ids[0], positions, torch.zeros(length, dtype=torch.bool, device=input_ids.device), 0)
+        return Prompt(input_ids[0], positions, torch.zeros(length, dtype=torch.bool, device=input_ids.device), 0,
+                      end_mrope=length, prefix_mrope=length)
     kwargs, _ = prune_token_inputs(model, input_ids, None, None, torch.tensor(grids, dtype=torch.long), list(keep))
     ids = kwargs["input_ids"][0]
     visual = ids == model.config.image_token_id
     prefix_len = int(torch.nonzero(visual)[-1]) + 1
-    return Prompt(token_ids=ids, positions=kwargs["position_ids"][:, 0], visual=visual, prefix_len=prefix_len)
+    positions = kwargs["position_ids"][:, 0]
+    end = int(positions[1, -1]) + 1
+    return Prompt(token_ids=ids, positions=positions, visual=visual, prefix_len=prefix_len, end_mrope=end,
+                  prefix_mrope=int(positions[1, prefix_len]) if prefix_len < ids.shape[0] else end)
+
+
+def prompt_from_chat(model, chat_ids: np.ndarray, grids: list[tuple[int, int, int]], keep, device) -> Prompt:
+    """The pruned prompt of a chat's token ids (one placeholder per image, `pipeline.chat_token_ids`), its
+    positions computed on the host (`positions.pruned_prompt_positions`, equal to `build_prompt`'s), then
+    sent to `device` once: no device round trip."""
+    ids, positions = pruned_prompt_positions(model.config, chat_ids, grids, keep)
+    visual = ids == model.config.image_token_id
+    at = np.flatnonzero(visual)
+    prefix_len, end = (int(at[-1]) + 1 if at.size else 0), int(positions[1, -1]) + 1
+    return Prompt(token_ids=torch.from_numpy(ids).to(device), positions=torch.from_numpy(positions).to(device),
+                  visual=torch.from_numpy(visual).to(device), prefix_len=prefix_len, end_mrope=end,
+                  prefix_mrope=int(positions[1, prefix_len]) if prefix_len < ids.shape[0] else end)
 
 
 def prompt_chunk(prompt: Prompt, vision: VisionFeatures | None, start: int = 0) -> Chunk:

@@ -21,6 +21,7 @@ One prompt (batch 1), any number of images.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import threading
@@ -41,6 +42,7 @@ from pixelprune.model.device_prep import prepare_on_device
 from pixelprune.profiles import QWEN3_VL, ModelProfile, UserTurn
 from pixelprune.selectors import select_blocks
 from pixelprune.settings import PruneSettings
+from pixelprune.timings import Timings
 
 _TOKENIZER_LOCK = threading.Lock()  # chat_token_ids: the tokenizer's split-special-tokens switch is shared state
 
@@ -88,7 +90,7 @@ class PreparedImage:
     staged_rows: torch.Tensor | None  # pixel_values built already (device path); None: built on first use
     rows_spec: tuple  # (mean, std, device, dtype) of the rows `pixel_values` builds on first use
     image_grid_thw: tuple[int, int, int]  # (1, h/16, w/16): the FULL patch grid
-    timings: dict  # seconds: "resize", "select", "patchify" (0 until the rows are built); device path: "upload"
+    timings: Timings  # seconds of resize, select, patchify (0 until the rows are built); device path: + upload
     prepare_s: float  # seconds spent by prepare_image itself (the caller's thread), before any lazy step
 
     @property
@@ -103,7 +105,7 @@ class PreparedImage:
         On the CPU path they are built here, on first use, not in prepare_image: the image stays
         uint8 (a quarter of the float32 rows' size) until the model worker needs it, and a
         request whose vision features are cached never builds them. The time goes to
-        timings["patchify"]."""
+        timings.patchify."""
         if self.staged_rows is not None:
             return self.staged_rows
         start = time.perf_counter()
@@ -111,7 +113,7 @@ class PreparedImage:
         rows = kept_pixel_values(self.pixels, None if self.kept_blocks == self.total_blocks else self.keep,
                                  mean=mean, std=std)
         tensor = torch.from_numpy(rows).to(device=device, dtype=dtype)
-        self.timings["patchify"] = time.perf_counter() - start
+        self.timings.patchify = time.perf_counter() - start
         return tensor
 
     @cached_property
@@ -150,7 +152,7 @@ def prepare_image(image, settings: PruneSettings, spec: VisionSpec, device="cpu"
         converted = time.perf_counter() - t0  # RGB conversion + smart_resize: counted as "upload"
         staged = prepare_on_device(original, (new_h, new_w), settings, mean=spec.image_mean,
                                    std=spec.image_std, device=device, dtype=dtype)
-        timings = {**staged.timings, "upload": staged.timings["upload"] + converted}
+        timings = dataclasses.replace(staged.timings, upload=staged.timings.upload + converted)
         return _prepared(original, staged.resized, staged.keep, staged.pixel_values, None, timings)
     pixels = resize_to(original, new_h, new_w)
     t1 = time.perf_counter()
@@ -161,17 +163,17 @@ def prepare_image(image, settings: PruneSettings, spec: VisionSpec, device="cpu"
         keep = np.ones(grid, dtype=bool)
     t2 = time.perf_counter()
     return _prepared(original, pixels, keep, None, (spec.image_mean, spec.image_std, device, dtype),
-                     {"resize": t1 - t0, "select": t2 - t1, "patchify": 0.0})
+                     Timings(resize=t1 - t0, select=t2 - t1))
 
 
 def _prepared(original: np.ndarray, resized, keep: np.ndarray, staged_rows: torch.Tensor | None,
-              rows_spec: tuple | None, timings: dict) -> PreparedImage:
+              rows_spec: tuple | None, timings: Timings) -> PreparedImage:
     new_h, new_w = resized.shape[:2]
     return PreparedImage(
         original_size=(original.shape[1], original.shape[0]), resized_size=(new_w, new_h), resized=resized,
         keep=keep, kept_blocks=int(np.count_nonzero(keep)), total_blocks=int(keep.size),
         staged_rows=staged_rows, rows_spec=rows_spec, image_grid_thw=image_grid_thw(new_h, new_w),
-        timings=timings, prepare_s=sum(timings.values()))
+        timings=timings, prepare_s=timings.prepare)
 
 
 def image_token_id(processor) -> int:
@@ -260,7 +262,7 @@ class ModelInputs:
     #               pixel_values (kept rows only), image_grid_thw (full grids); for PrunedQwen3VL
     keep: tuple  # one bool (h/32, w/32) keep mask per image, to pass as keep=list(keep)
     images: tuple  # one ImageReport per image
-    timings: dict  # seconds summed over images: "resize", "select", "patchify", "tokenize"
+    timings: Timings  # seconds summed over images: upload, resize, select, patchify; and tokenize
 
 
 def build_inputs(processor, images, messages: list[dict], settings: PruneSettings | None = None,
@@ -281,7 +283,7 @@ def build_inputs(processor, images, messages: list[dict], settings: PruneSetting
     inputs = dict(text_inputs)
     inputs["pixel_values"] = torch.cat([p.pixel_values for p in prepared])
     inputs["image_grid_thw"] = torch.tensor([p.image_grid_thw for p in prepared], dtype=torch.int64, device=device)
-    timings = {stage: sum(p.timings[stage] for p in prepared) for stage in ("resize", "select", "patchify")}
-    timings["tokenize"] = tokenize_seconds
+    timings = Timings(**{stage: sum(getattr(p.timings, stage) for p in prepared)
+                         for stage in ("upload", "resize", "select", "patchify")}, tokenize=tokenize_seconds)
     reports = tuple(ImageReport(p.original_size, p.resized_size, p.kept_blocks, p.total_blocks) for p in prepared)
     return ModelInputs(inputs=inputs, keep=tuple(p.keep for p in prepared), images=reports, timings=timings)

@@ -1,5 +1,6 @@
-"""What goes into the engine's batch (`GroundRequest`), what comes out (`GroundingOutput`),
-and the limits of the batch (`BatchSettings`)."""
+"""What goes into the engine (`GroundRequest`), what comes out (`GroundingOutput`), which model it runs
+(`ModelSpec`) and the limits of its batch (`BatchSettings`). No torch: the service's configuration
+nests the last two."""
 
 from __future__ import annotations
 
@@ -10,8 +11,20 @@ if TYPE_CHECKING:  # annotations only: this module loads without torch (the serv
     from pixelprune.model.adapter import VisionFeatures
     from pixelprune.model.pipeline import PreparedImage
 
+from pixelprune.profiles import AUTO
+
 GIB = 1024 ** 3
 CPU_KV_TOKENS = 32768  # KV pool positions on a CPU device when max_batch_tokens is not given
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model: str = "Qwen/Qwen3-VL-2B-Instruct"  # hub id or local checkpoint directory
+    device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:N"
+    dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16", "float16"
+    attn_implementation: str | None = None  # None: flash_attention_2 on CUDA when installed, else sdpa
+    max_new_tokens: int = 24  # generation budget per answer (greedy)
+    profile: str = AUTO  # model profile (pixelprune.profiles) name, or "auto": from the checkpoint's name
 
 
 @dataclass(frozen=True)
@@ -37,8 +50,10 @@ class BatchSettings:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
         if self.max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
-        if self.prefix_cache_bytes < 0 or self.vision_cache_size < 0:
-            raise ValueError("prefix_cache_bytes and vision_cache_size must be >= 0")
+        if self.prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be >= 0, got {self.prefix_cache_bytes}")
+        if self.vision_cache_size < 0:
+            raise ValueError(f"vision_cache_size must be >= 0, got {self.vision_cache_size}")
 
 
 @dataclass(frozen=True)

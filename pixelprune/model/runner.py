@@ -26,10 +26,9 @@ import torch
 
 from pixelprune.model.adapter import VisionFeatures
 from pixelprune.model.attention import use_slot_attention
-from pixelprune.model.generation import (Chunk, DecodeGraphs, Prompt, build_prompt, decode_kv_len, decode_step, extend,
-                                         greedy, prompt_chunk)
+from pixelprune.model.generation import (Chunk, DecodeGraphs, Prompt, decode_kv_len, decode_step, extend, greedy,
+                                         prompt_chunk, prompt_from_chat)
 from pixelprune.model.kvcache import LENGTH_BUCKETS, SlotKVCache
-from pixelprune.model.pipeline import tokenize
 from pixelprune.model.prefix import PrefixEntry
 from pixelprune.model.scheduler import Decode, Prefill, SeqResult, StepPlan, StepResult
 
@@ -221,9 +220,8 @@ class ModelRunner:
             mrope = item.entry.next_mrope + steps
             return Chunk(token_ids=rest, positions=torch.stack((item.entry.length + steps, mrope, mrope, mrope)),
                          start=item.entry.length)
-        grid = work.prepared.image_grid_thw
-        full = tokenize(self.processor, None, [grid], device=self.device, ids=work.ids)
-        item.prompt = build_prompt(self.model, full["input_ids"], [grid], [work.prepared.keep])
+        item.prompt = prompt_from_chat(self.model, work.ids, [work.prepared.image_grid_thw], [work.prepared.keep],
+                                       self.device)
         if item.prompt.length != item.plan.seq.prompt_tokens:
             raise ValueError(f"the prompt has {item.prompt.length} tokens, {item.plan.seq.prompt_tokens} were planned")
         return prompt_chunk(item.prompt, item.vision)
@@ -251,12 +249,12 @@ class ModelRunner:
         if item.entry is not None:
             delta = item.entry.next_mrope - item.entry.length
         else:
-            delta = int(item.prompt.positions[1, -1]) + 1 - item.prompt.length
+            delta = item.prompt.end_mrope - item.prompt.length
         stored_p = stored_v = False
         if plan.store_prefix_key is not None and item.prompt is not None and item.prompt.prefix_len:
             length = item.prompt.prefix_len
             self.prefixes[plan.store_prefix_key] = PrefixEntry(
-                kv=self.cache.read(plan.row, length), length=length, next_mrope=int(item.prompt.positions[1, length]))
+                kv=self.cache.read(plan.row, length), length=length, next_mrope=item.prompt.prefix_mrope)
             stored_p = True
         if plan.store_vision_key is not None and item.vision is not None:
             self.visions[plan.store_vision_key] = item.vision

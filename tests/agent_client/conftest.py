@@ -124,12 +124,12 @@ def pointing_checkpoint(tmp_path_factory) -> Path:
 def tiny_engine(tiny_checkpoint):
     """A factory of engines on one loaded tiny model: each server gets its own (one engine, one loop)."""
     from pixelprune.model.engine import GroundingEngine
-    from service.server import batch_settings, load_engine
+    from service.server import load_engine
 
     config = server_config(tiny_checkpoint, None)
     loaded = load_engine(config)
     return lambda: GroundingEngine(loaded.model, loaded.processor, max_new_tokens=loaded.max_new_tokens,
-                                   is_random_weights=loaded.is_random_weights, batch=batch_settings(config))
+                                   is_random_weights=loaded.is_random_weights, batch=config.batch)
 
 
 @pytest.fixture(scope="session")

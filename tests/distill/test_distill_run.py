@@ -64,14 +64,14 @@ def test_the_distilled_checkpoint_serves_and_answers(trained, tiny_checkpoint):
 
     from pixelprune_api.grounding.v1 import grounding_pb2 as pb
     from pixelprune_api.grounding.v1 import grounding_pb2_grpc as pb_grpc
-    from service.config import ServiceConfig
+    from service.config import configure
     from service.server import create_server
 
     out, _ = trained
     assert not any(out.glob("adapter_*")) and (out / "model.safetensors").is_file()
     base, tuned = load_file(str(tiny_checkpoint / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert base.keys() == tuned.keys() and any(not np.array_equal(base[k], tuned[k]) for k in base)
-    handle = create_server(ServiceConfig(model=str(out), device="cpu", host="127.0.0.1", port=0, metrics_port=-1,
+    handle = create_server(configure(model=str(out), device="cpu", host="127.0.0.1", port=0, metrics_port=-1,
                                          health_port=-1, max_new_tokens=4))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{handle.port}") as channel:

@@ -83,11 +83,10 @@ def rigged_tls_server(rigged_server, eval_token_file, tmp_path_factory):
                                 "--metrics-port", "-1", "--health-port", "-1", "--auth-token-file",
                                 str(eval_token_file), "--tls-cert", str(cert), "--tls-key", str(key)], {})
     from pixelprune.model.engine import GroundingEngine
-    from service.server import batch_settings
 
     loaded = rigged_server.grounder.engine  # its model and processor, in an engine of this server's own
     engine = GroundingEngine(loaded.model, loaded.processor, max_new_tokens=loaded.max_new_tokens,
-                             is_random_weights=loaded.is_random_weights, batch=batch_settings(config))
+                             is_random_weights=loaded.is_random_weights, batch=config.batch)
     handle = create_server(config, engine=engine)
     yield handle, cert
     handle.stop(0)

@@ -143,7 +143,7 @@ def test_configmap_holds_only_real_flags_and_the_service_accepts_it(overlay, tmp
     token.write_text("test-token\n")
     config = from_args_and_env([], {**env, "PIXELPRUNE_AUTH_TOKEN_FILE": str(token)})
     assert config.port == int(env["PIXELPRUNE_PORT"]) and config.queue_size == int(env["PIXELPRUNE_QUEUE_SIZE"])
-    assert config.model == env["PIXELPRUNE_MODEL"] and config.redis_url == env["PIXELPRUNE_REDIS_URL"]
+    assert config.spec.model == env["PIXELPRUNE_MODEL"] and config.redis_url == env["PIXELPRUNE_REDIS_URL"]
 
 
 def test_auth_token_secret_is_mounted_at_the_token_file(overlay):

@@ -157,9 +157,8 @@ def test_prepare_image_device_path_equals_the_cpu_path(corpus_images, dtype):
             assert (dev.original_size, dev.resized_size, dev.image_grid_thw) == \
                 (cpu.original_size, cpu.resized_size, cpu.image_grid_thw)
             assert isinstance(dev.pixels, np.ndarray) and np.array_equal(dev.pixels, cpu.pixels)
-            assert set(cpu.timings) == {"resize", "select", "patchify"}
-            assert set(dev.timings) == {"upload", "resize", "select", "patchify"}
-            assert all(v >= 0 for v in dev.timings.values())
+            assert cpu.timings.upload == 0 and cpu.timings.resize > 0
+            assert dev.timings.upload > 0 and min(dev.timings.resize, dev.timings.select, dev.timings.patchify) >= 0
 
 
 def test_device_path_keeps_what_it_saw_where_it_is():

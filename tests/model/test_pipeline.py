@@ -66,8 +66,8 @@ def test_pruned_rows_are_the_processors_rows_at_kept_blocks(processor, screensho
     assert torch.equal(ours.inputs["pixel_values"], ref["pixel_values"][torch.from_numpy(kept_patch_rows(keep))])
     for key in TEXT_KEYS:  # the text side is the FULL sequence, as the adapter needs it
         assert torch.equal(ours.inputs[key], ref[key]), key
-    assert set(ours.timings) == {"resize", "select", "patchify", "tokenize"}
-    assert all(v >= 0 for v in ours.timings.values())
+    t = ours.timings
+    assert t.resize > 0 and t.tokenize > 0 and min(t.select, t.patchify) >= 0 and t.upload == t.vit == 0
 
 
 def test_two_images_in_one_prompt(processor, screenshot, web_page):
@@ -156,10 +156,10 @@ def test_rows_stay_uint8_until_first_use(processor, web_page):
     vision features are cached."""
     spec = vision_spec(processor)
     prepared = prepare_image(web_page, PruneSettings(), spec)
-    assert "pixel_values" not in vars(prepared) and prepared.timings["patchify"] == 0.0
-    assert prepared.prepare_s == pytest.approx(prepared.timings["resize"] + prepared.timings["select"])
+    assert "pixel_values" not in vars(prepared) and prepared.timings.patchify == 0.0
+    assert prepared.prepare_s == pytest.approx(prepared.timings.resize + prepared.timings.select)
     rows = prepared.pixel_values
-    assert prepared.timings["patchify"] > 0 and prepared.pixel_values is rows  # built once
+    assert prepared.timings.patchify > 0 and prepared.pixel_values is rows  # built once
     expected = kept_pixel_values(prepared.pixels, prepared.keep, mean=spec.image_mean, std=spec.image_std)
     assert rows.dtype == torch.float32 and rows.shape == (4 * prepared.kept_blocks, 1536)
     np.testing.assert_array_equal(rows.numpy(), expected)

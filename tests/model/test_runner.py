@@ -135,3 +135,20 @@ def test_random_schedules_match_solo_runs_at_every_step(engine, prepared, seed):
         assert seq.logprob == pytest.approx(solos[id(seq)][1], abs=1e-4)
     assert compared > 2 * len(seqs)
     assert seqs[-1].prefix_hit and not seqs[0].prefix_hit
+
+
+def test_the_prompt_built_on_the_host_equals_the_transformers_one(engine, prepared):
+    """What the runner prefills (`prompt_from_chat`: positions from the chat ids on the host) equals the
+    reference built from transformers' get_rope_index on the full sequence, field by field."""
+    from pixelprune.model.generation import build_prompt, prompt_from_chat
+    from pixelprune.model.pipeline import tokenize
+
+    for p in prepared:
+        ids = engine.sequence(GroundRequest(p, TEXTS[0])).payload.ids
+        full = tokenize(engine.processor, None, [p.image_grid_thw], ids=ids)
+        reference = build_prompt(engine.model, full["input_ids"], [p.image_grid_thw], [p.keep])
+        host = prompt_from_chat(engine.model, ids, [p.image_grid_thw], [p.keep], engine.device)
+        assert torch.equal(host.token_ids, reference.token_ids) and torch.equal(host.positions, reference.positions)
+        assert torch.equal(host.visual, reference.visual)
+        assert (host.prefix_len, host.end_mrope, host.prefix_mrope) == (
+            reference.prefix_len, reference.end_mrope, reference.prefix_mrope)

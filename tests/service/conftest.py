@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import grpc
 import pytest
 
-from service.config import ServiceConfig
+from service.config import configure
 from service_testlib import MAX_NEW_TOKENS, CountingEngine
 
 
@@ -29,14 +27,14 @@ def make_server(engine):
         base = dict(model="tiny", port=0, metrics_port=0, health_port=0, host="127.0.0.1",
                     max_new_tokens=MAX_NEW_TOKENS, max_batch_tokens=8192,
                     admission_wait_s=0.2)
-        config = dataclasses.replace(ServiceConfig(), **{**base, **overrides})
+        config = configure(**{**base, **overrides})
         from pixelprune.model.engine import GroundingEngine
-        from service.server import batch_settings, create_server
+        from service.server import create_server
 
         # the loaded weights, with this server's own batch and caches (nothing reused across tests)
         counting = CountingEngine(GroundingEngine(engine.model, engine.processor, max_new_tokens=MAX_NEW_TOKENS,
                                                   is_random_weights=engine.is_random_weights,
-                                                  batch=batch_settings(config)))
+                                                  batch=config.batch))
         handle = create_server(config, engine=counting, warmup=warmup)
         handles.append(handle)
         return handle, counting

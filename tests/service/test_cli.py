@@ -18,10 +18,10 @@ import pytest
 from net_testlib import free_port
 from pixelprune.cli import main
 from pixelprune.model.checkpoint import OFFLINE_HINT
-from service.config import HELP_GROUPS, OTHER_GROUP, ServiceConfig, _OPTIONS, _SWITCHES
+from service.config import HELP_GROUPS, OTHER_GROUP, ServiceConfig, _OPTIONS, _SWITCHES, configure
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = ServiceConfig().model
+DEFAULT_MODEL = ServiceConfig().spec.model
 
 
 def serve_process(*args: str, cwd: Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -151,7 +151,7 @@ def test_busy_ports(engine, which):
         busy.listen()
         taken = busy.getsockname()[1]
         ports = {"port": 0, "metrics_port": 0, "health_port": 0, which: taken}
-        config = dataclasses.replace(ServiceConfig(), model="tiny", host="127.0.0.1", **ports)
+        config = configure(model="tiny", host="127.0.0.1", **ports)
         expected = {"port": "cannot bind gRPC to", "metrics_port": "cannot serve metrics on",
                     "health_port": "cannot bind the health server to"}[which]
         with pytest.raises(ValueError, match=f"{expected} 127.0.0.1:{taken}"):

@@ -8,14 +8,15 @@ import hashlib
 import pytest
 
 from pixelprune.settings import PruneSettings
-from service.config import MIB, ServiceConfig, bare_token_tenant, env_name, from_args_and_env, parse_token_file
+from service.config import (MIB, ServiceConfig, bare_token_tenant, configure, env_name, from_args_and_env,
+                            parse_token_file)
 
 
 def test_defaults_are_the_documented_ones():
     config = from_args_and_env([], {})
     assert (config.port, config.metrics_port, config.host) == (50051, 9464, "0.0.0.0")
     assert config.max_message_bytes == 64 * MIB and config.max_image_pixels == 50_000_000
-    assert (config.queue_size, config.session_ttl_s, config.vision_cache_size, config.drain_grace_s) == \
+    assert (config.queue_size, config.session_ttl_s, config.batch.vision_cache_size, config.drain_grace_s) == \
         (16, 600.0, 32, 30.0)
     assert config.prune == PruneSettings(enabled=True, method="pred2d", metric="max", tau=0.0)
     assert config.redis_url is None and config.auth_token_file is None
@@ -30,7 +31,7 @@ def test_environment_fills_in_and_flags_win():
            "PIXELPRUNE_PRUNE_TAU": "0.25", "PIXELPRUNE_NO_PRUNE": "true", "PIXELPRUNE_MODEL": "/ckpt"}
     config = from_args_and_env(["--port", "7000", "--prune-method", "raster"], env)
     assert config.port == 7000  # flag wins
-    assert (config.queue_size, config.redis_url, config.model) == (3, "redis://r:6379/1", "/ckpt")
+    assert (config.queue_size, config.redis_url, config.spec.model) == (3, "redis://r:6379/1", "/ckpt")
     assert config.prune == PruneSettings(enabled=False, method="raster", metric="max", tau=0.25)
     assert from_args_and_env(["--no-prune"], {}).prune.enabled is False
     assert from_args_and_env([], {"PIXELPRUNE_NO_PRUNE": "0"}).prune.enabled is True
@@ -116,25 +117,30 @@ def test_session_key_prefix_separates_models_and_answer_lengths():
 
 
 def test_batching_flags_and_environment():
+    """The engine's flags fill ServiceConfig.batch (a BatchSettings, the one set of defaults) and .spec."""
+    from pixelprune.model.request import BatchSettings, ModelSpec
+
     config = from_args_and_env([], {})
-    assert (config.max_batch_size, config.max_batch_tokens, config.prefix_cache_bytes) == (32, None, 1024 * MIB)
-    assert (config.kv_cache_memory_fraction, config.max_prefill_tokens, config.admission_wait_s,
+    assert config.batch == BatchSettings() and config.spec == ModelSpec()
+    assert (config.batch.max_batch_size, config.batch.max_batch_tokens, config.batch.prefix_cache_bytes) == (
+        32, None, 1024 * MIB)
+    assert (config.batch.kv_cache_memory_fraction, config.batch.max_prefill_tokens, config.admission_wait_s,
             config.stall_timeout_s) == (0.5, 8192, 1.0, 30.0)
-    assert (config.no_cuda_graphs, config.stop_after_point) == (False, False)
+    assert (config.batch.cuda_graphs, config.batch.stop_after_point) == (True, False)
     env = {"PIXELPRUNE_MAX_BATCH_SIZE": "8", "PIXELPRUNE_PREFIX_CACHE_BYTES": "0", "PIXELPRUNE_NO_CUDA_GRAPHS": "yes",
            "PIXELPRUNE_KV_CACHE_MEMORY_FRACTION": "0.8"}
     config = from_args_and_env(["--max-batch-tokens", "4096", "--stop-after-point", "--max-batch-size", "4",
-                                "--max-prefill-tokens", "2048", "--admission-wait-s", "0", "--stall-timeout-s", "5"],
-                               env)
-    assert (config.max_batch_size, config.max_batch_tokens, config.prefix_cache_bytes) == (4, 4096, 0)
-    assert (config.no_cuda_graphs, config.stop_after_point) == (True, True)
-    from service.server import batch_settings
-
-    settings = batch_settings(config)
-    assert (settings.max_batch_size, settings.max_batch_tokens, settings.cuda_graphs, settings.stop_after_point,
-            settings.prefix_cache_bytes, settings.vision_cache_size) == (4, 4096, False, True, 0, 32)
-    assert (settings.kv_cache_memory_fraction, settings.max_prefill_tokens) == (0.8, 2048)
+                                "--max-prefill-tokens", "2048", "--admission-wait-s", "0", "--stall-timeout-s", "5",
+                                "--max-new-tokens", "9", "--model", "/m"], env)
+    assert config.batch == BatchSettings(max_batch_size=4, max_batch_tokens=4096, kv_cache_memory_fraction=0.8,
+                                         max_prefill_tokens=2048, cuda_graphs=False, stop_after_point=True,
+                                         prefix_cache_bytes=0)
+    assert config.spec == ModelSpec(model="/m", max_new_tokens=9)
     assert (config.admission_wait_s, config.stall_timeout_s) == (0.0, 5.0)
+    assert configure(config, max_batch_size=2, no_cuda_graphs=False).batch == dataclasses.replace(
+        config.batch, max_batch_size=2, cuda_graphs=True)
+    with pytest.raises(TypeError, match="unknown serve option 'max_batch'"):
+        configure(max_batch=2)
     for argv, fragment in ((["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
                            (["--max-batch-tokens", "100"], "--max-batch-tokens must be >= 256"),
                            (["--kv-cache-memory-fraction", "0"], r"--kv-cache-memory-fraction must be in \(0, 1\]"),

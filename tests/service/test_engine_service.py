@@ -250,3 +250,21 @@ def test_a_frame_too_large_for_the_kv_pool_is_invalid_argument(make_server, chan
                                      pruning=pb.PruningSettings(disabled=True)), timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "--max-batch-tokens" in info.value.details()
     assert counting.grounded == [] and MAX_NEW_TOKENS == 4
+
+
+def test_the_way_to_the_first_token_is_events_in_order_that_add_up_to_ttft(make_server, channels, crops):
+    """arrival -> queued -> admitted -> ViT -> prefill -> first token: monotonic host times (device work
+    placed on the host clock from its events), whose spans add up to the TTFT the response reports."""
+    handle, _ = make_server()
+    answer = handle.grounder.ground(GroundQuery(image=_raw(crops[0]), instruction="the Save button", session_id="",
+                                                pruning=PruneSettings()))
+    t = answer.timings
+    assert [name for name, _ in t.events] == ["arrival", "queued", "admitted", "vit_start", "vit_end",
+                                              "prefill_start", "first_token"]
+    assert all(span >= 0 for _, span in t.spans())
+    assert sum(span for _, span in t.spans()) == pytest.approx(t.ttft, abs=1e-9)
+    assert 0 < t.ttft < t.total and t.decode > 0 and t.queue == pytest.approx(dict(t.spans())["admitted"])
+    assert t.ttft >= t.decode + t.resize + t.select + t.vit + t.prefill
+    response = stub_for(channels(handle.port)).Ground(pb.GroundRequest(image=raw_image(crops[1]), instruction="x"))
+    r = response.timings
+    assert 0 < r.ttft_ms < r.total_ms and r.vit_ms > 0 and r.prefill_ms > 0 and r.upload_ms == 0

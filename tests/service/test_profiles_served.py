@@ -13,7 +13,7 @@ from pixelprune.cli import main
 from pixelprune.model.tiny import write_tiny_checkpoint
 from pixelprune.profiles import PROFILES
 from pixelprune_api.grounding.v1 import grounding_pb2 as pb
-from service.config import ServiceConfig, from_args_and_env
+from service.config import configure, from_args_and_env
 from service_testlib import scrape, stub_for
 
 HIDPI = "web_django_models_2880x1800.png"
@@ -23,7 +23,7 @@ PHONE = "mobile_flask_quickstart_1170x2532.png"
 def serve(model, **overrides):
     from service.server import create_server, load_engine
 
-    config = dataclasses.replace(ServiceConfig(), model=str(model), port=0, metrics_port=0, health_port=0,
+    config = configure(model=str(model), port=0, metrics_port=0, health_port=0,
                                  host="127.0.0.1", max_batch_tokens=16384, **overrides)
     return create_server(config, engine=load_engine(config), warmup=True)
 
@@ -79,11 +79,11 @@ def test_unknown_profile_is_one_line(capsys, tmp_path):
 def test_profile_flag_environment_and_sessions(capsys):
     from service.server import session_key_prefix
 
-    assert from_args_and_env([], {}).profile == "auto"
-    assert from_args_and_env([], {"PIXELPRUNE_PROFILE": "holo2"}).profile == "holo2"
-    assert from_args_and_env(["--profile", "stepgui"], {"PIXELPRUNE_PROFILE": "holo2"}).profile == "stepgui"
+    assert from_args_and_env([], {}).spec.profile == "auto"
+    assert from_args_and_env([], {"PIXELPRUNE_PROFILE": "holo2"}).spec.profile == "holo2"
+    assert from_args_and_env(["--profile", "stepgui"], {"PIXELPRUNE_PROFILE": "holo2"}).spec.profile == "stepgui"
     base = from_args_and_env(["--model", "/models/a"], {})
-    assert session_key_prefix(base) != session_key_prefix(dataclasses.replace(base, profile="ui-venus"))
+    assert session_key_prefix(base) != session_key_prefix(configure(base, profile="ui-venus"))
     with pytest.raises(SystemExit):
         from_args_and_env(["--help"], {})
     usage = " ".join(capsys.readouterr().out.split())
@@ -94,7 +94,7 @@ def test_a_rigged_checkpoint_outside_float32_is_warned_about(tmp_path, caplog):
     from service.server import load_engine
 
     model = write_tiny_checkpoint(tmp_path / "rigged", answer="[1, 2]")
-    config = dataclasses.replace(ServiceConfig(), model=str(model), device="cpu", dtype="bfloat16")
+    config = configure(model=str(model), device="cpu", dtype="bfloat16")
     with caplog.at_level(logging.WARNING, logger="service.server"):
         load_engine(config)
     assert f"{model} is rigged to a fixed answer, which holds in float32 only (--dtype float32)" in caplog.text

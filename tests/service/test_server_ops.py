@@ -218,7 +218,7 @@ def test_sigterm_drains_in_flight_requests(tiny_checkpoint, corpus_dir, channels
     """SIGTERM: health NOT_SERVING on both ports while the listener still serves (the drain delay),
     then in-flight requests finish and the process exits 0."""
     port, metrics_port, health_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "PIXELPRUNE_MAX_NEW_TOKENS": "4", "PIXELPRUNE_DEVICE": "cpu"}
+    env = {**os.environ, "PIXELPRUNE_MAX_NEW_TOKENS": "48", "PIXELPRUNE_DEVICE": "cpu"}  # the first answer lasts
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "pixelprune.cli", "serve", "--model", str(tiny_checkpoint),
                              "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
