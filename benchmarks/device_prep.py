@@ -2,7 +2,7 @@
 
     python -m benchmarks.device_prep [--device auto] [--runs 7] [--threads 1] [--json FILE]
 
-Per screenshot size of issue 10 (a 1920x1080 corpus web page upscaled 2x nearest-neighbour
+Per screenshot size of the GPU measurements (a 1920x1080 corpus web page upscaled 2x nearest-neighbour
 for 3840x2160; corpus screenshots for the others: 1275x1650 resizes to 1280x1664), per
 pruning setting, `prepare_image` through:
   * the CPU path (`on_device=False`): numba/Pillow resize, numpy/numba selection,

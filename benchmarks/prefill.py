@@ -16,7 +16,7 @@ Per screenshot of the test corpus (tests/data/corpus), medians over --runs runs 
   * stock TTFT: processor + stock `model.generate` to the first token, no pixelprune code;
   * KV-cache bytes of the prompt (prompt tokens x bytes per token of the engine's cache);
   * the measured pruned/full time ratio next to pixelprune.flops' FLOPs ratio;
-  * prefix reuse (issue 13): TTFT of a pruned request on a new frame (ViT + whole prompt)
+  * prefix reuse: TTFT of a pruned request on a new frame (ViT + whole prompt)
     next to a new instruction on the same frame (the cached prompt prefix: only the
     instruction's tokens are prefilled), both with the frame prepared again as the
     service does.

@@ -22,7 +22,7 @@ overhead visible. Printed as markdown:
 4. Throughput with batching: 1 and 8 concurrent unary callers, each sending --requests
    different 640x480 raw frames (no session, every frame new: no cache hits), answers
    of --answer-tokens tokens (random weights never stop early); requests/s, latency,
-   and the model's mean batch size (from /metrics). Issue 10's CPU goal: 8 callers
+   and the model's mean batch size (from /metrics). The CPU goal: 8 callers
    >= 2x the requests/s of one.
 """
 

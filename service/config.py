@@ -47,7 +47,7 @@ class ServiceConfig:
     batch: BatchSettings = BatchSettings()  # the engine's batch limits, KV pool and caches
     prune: PruneSettings = PruneSettings()  # default pruning (requests may override each field)
     log_level: str = "INFO"  # Python logging level name
-    # --- hardening ---
+    # --- admission, health and drain ---
     max_inflight_pixels: int = 50_000_000  # decoded pixels (width*height) of the images in flight, all RPCs together
     max_instruction_tokens: int = 512  # longest instruction accepted (tokens, special tokens counted as text)
     stream_idle_timeout_s: float = 60.0  # a stream with no frame for this long (nothing pending) is closed; 0 = never
@@ -274,7 +274,7 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
      "CUDA without --max-batch-tokens: share of the free device memory the KV pool takes"),
     ("max_prefill_tokens", "--max-prefill-tokens", int, "prompt tokens prefilled per engine step"),
     ("prefix_cache_bytes", "--prefix-cache-bytes", int, "device bytes of cached prompt prefixes (0 = off)"),
-    # --- hardening ---
+    # --- admission, health and drain ---
     ("max_inflight_pixels", "--max-inflight-pixels", int,
      "decoded pixels of the images in flight across all RPCs (size from the pod's memory, see README)"),
     ("max_instruction_tokens", "--max-instruction-tokens", int, "longest instruction, tokens"),

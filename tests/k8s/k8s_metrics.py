@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-# The contract (INTERFACES.md / issue 4): name -> (type, label names).
+# The contract: name -> (type, label names).
 CONTRACT = {
     "pixelprune_request_duration_seconds": ("histogram", {"rpc", "code"}),
     "pixelprune_ttft_seconds": ("histogram", set()),
@@ -32,7 +32,7 @@ CONTRACT = {
     "pixelprune_frame_cache_hits": ("counter", set()),
     "pixelprune_changed_block_fraction": ("histogram", set()),
     "pixelprune_redis_errors": ("counter", set()),
-    # issue 11: streams per frame, admission
+    # streams per frame, admission
     "pixelprune_stream_frame_duration_seconds": ("histogram", {"code"}),
     "pixelprune_streams": ("counter", {"code"}),
     "pixelprune_stream_skipped_frames": ("counter", set()),

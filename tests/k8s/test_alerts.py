@@ -82,6 +82,19 @@ COMMON_TESTS = [
             alert_case("20m", "PixelPruneRedisErrors", {"severity": "warning", "namespace": "prod", "pod": "a"}),
         ],
     },
+    {   # Pod a's engine stops making progress (health NOT_SERVING); pod b stalls for a minute only.
+        "interval": "1m",
+        "input_series": [
+            series(f'pixelprune_stalled{{{T}, pod="a", reason="engine_no_progress"}}', "0x5 1x25"),
+            series(f'pixelprune_stalled{{{T}, pod="a", reason="queue_no_progress"}}', "0x30"),
+            series(f'pixelprune_stalled{{{T}, pod="b", reason="engine_no_progress"}}', "0x5 1 0x24"),
+        ],
+        "alert_rule_test": [
+            alert_case("6m", "PixelPruneStalled"),  # not yet: `for: 2m`
+            alert_case("10m", "PixelPruneStalled", {"severity": "critical", "namespace": "prod", "pod": "a",
+                                                    "reason": "engine_no_progress"}),
+        ],
+    },
     {   # One of two replicas stops answering scrapes; later every replica does.
         "interval": "1m",
         "input_series": [series(f'up{{{T}, pod="a"}}', "1x30"), series(f'up{{{T}, pod="b"}}', "0x30"),
