@@ -324,7 +324,7 @@ class GroundingEngine:
     @property
     def kv_capacity_tokens(self) -> int:
         """Positions of the KV pool."""
-        return self.runner.cache.capacity_tokens
+        return self.runner.capacity_tokens
 
     # ------------------------------------------------------------------ outputs
     def _holds_point(self, seq: Sequence) -> bool:
@@ -417,7 +417,7 @@ class GroundingEngine:
             return self.kv_capacity_tokens
         if not self.idle:
             raise RuntimeError("the KV pool is sized with nothing running")
-        old = self.runner.cache.nbytes
+        old = self.runner.cache.nbytes if self.runner._cache is not None else 0
         if free_bytes is None:
             free_bytes = torch.cuda.mem_get_info(self.device)[0] + old
         tokens = kv_pool_tokens(free_bytes, self.batch_settings.kv_cache_memory_fraction, self.kv_bytes_per_token,

@@ -108,9 +108,8 @@ class ModelRunner:
         self.model, self.processor, self.encode = model, processor, encode
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        cfg = model.config.text_config
-        self.cache = SlotKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, capacity_tokens,
-                                 self.device, self.dtype)
+        self.capacity_tokens = capacity_tokens  # positions of the KV pool, allocated on first use
+        self._cache: SlotKVCache | None = None
         self.clock = StageClock(self.device)
         self.prefixes: dict[Hashable, PrefixEntry] = {}
         self.visions: dict[Hashable, VisionFeatures] = {}
@@ -118,6 +117,17 @@ class ModelRunner:
         self._step_fn = lambda inputs, kv_len: decode_step(model, self.cache, inputs, kv_len)
         on_cuda = self.device.type == "cuda" and cuda_graphs
         self.graphs = DecodeGraphs(self._step_fn, lambda: self.cache.slot_len) if on_cuda else None
+
+    @property
+    def cache(self) -> SlotKVCache:
+        """The KV pool, allocated on first use: by the thread that drives the engine, so that on a CPU the
+        pool's parallel fill does not start a second OpenMP team in the caller's thread (an idle team of
+        another thread slows every later torch op ~2x on a small machine)."""
+        if self._cache is None:
+            cfg = self.model.config.text_config
+            self._cache = SlotKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                                      self.capacity_tokens, self.device, self.dtype)
+        return self._cache
 
     @property
     def prefix_bytes(self) -> int:

@@ -15,20 +15,10 @@ from transformers.vision_utils import get_vision_interpolation_indices_and_weigh
 
 from pixelprune.model.pipeline import PruneSettings
 from pixelprune.model.adapter import PrunedQwen3VL, VisionFeatures
-from pixelprune.model.processor import load_processor, rows_to_uint8_images
+from pixelprune.model.processor import rows_to_uint8_images
 from pixelprune.selectors import select_blocks
 
 PROMPT = "Click the Save button."
-
-
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return AutoModelForImageTextToText.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_checkpoint):
-    return load_processor(tiny_checkpoint)
 
 
 def crop(corpus_dir, name, box) -> Image.Image:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pixelprune.model.attention import SLOT_ATTENTION
 from pixelprune.model.engine import BatchSettings, GroundingEngine, GroundRequest, ModelSpec, PruneSettings
-from pixelprune.model.generation import (DECODE_KV_MIN, Chunk, build_prompt, decode_kv_len, decode_step, extend,
+from pixelprune.model.generation import (DECODE_KV_MIN, build_prompt, decode_kv_len, decode_step, extend,
                                          prompt_chunk)
 from pixelprune.model.kvcache import SlotKVCache
 from pixelprune.model.pipeline import tokenize

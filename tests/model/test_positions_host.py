@@ -8,25 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText
 
 from pixelprune.model.pipeline import chat_token_ids, tokenize, user_message
 from pixelprune.model.positions import prune_token_inputs, pruned_prompt_positions
-from pixelprune.model.processor import load_processor
 
 # (t, h, w) patch grids: square, wide, tall, thin, 1080p (1920x1088), 1440p, 4K (3840x2176), phone
 GRIDS = [(1, 16, 16), (1, 8, 24), (1, 30, 6), (1, 2, 40), (1, 68, 120), (1, 90, 160), (1, 136, 240),
          (1, 158, 74)]
-
-
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return AutoModelForImageTextToText.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_checkpoint):
-    return load_processor(tiny_checkpoint)
 
 
 def keep_mask(grid, share: float, seed: int) -> np.ndarray:

@@ -8,13 +8,10 @@ import copy
 
 import numpy as np
 import pytest
-import torch
-from transformers import AutoModelForImageTextToText
 
 from pixelprune.geometry import smart_resize
 from pixelprune.model.engine import GroundingEngine, ModelSpec, PruneSettings
 from pixelprune.model.pipeline import chat_token_ids
-from pixelprune.model.processor import load_processor
 from pixelprune.model.tiny import CHAT_TEMPLATE
 from pixelprune.points import DEFAULT_GROUNDING_PROMPT
 from pixelprune.profiles import (GUI_OWL, GUI_OWL_SYSTEM, HOLO2, HOLO2_SCHEMA, MAI_UI, MAI_UI_SYSTEM, PROFILES,
@@ -68,16 +65,6 @@ def holo2_messages(instruction):  # holo_2_localization_huggingface.ipynb (chat 
 
 FAMILY = {"qwen3-vl": qwen3_vl_messages, "gui-owl": gui_owl_messages, "ui-venus": ui_venus_messages,
           "mai-ui": mai_ui_messages, "stepgui": stepgui_messages, "holo2": holo2_messages}
-
-
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return AutoModelForImageTextToText.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_checkpoint):
-    return load_processor(tiny_checkpoint)
 
 
 def test_holo2_schema_is_pydantics():

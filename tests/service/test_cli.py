@@ -4,7 +4,6 @@ shows the flags in groups."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import socket

@@ -4,7 +4,6 @@ names its choice in the log and in /metrics; the MoE variant serves; unknown pro
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import pytest
