@@ -152,3 +152,31 @@ def test_the_prompt_built_on_the_host_equals_the_transformers_one(engine, prepar
         assert torch.equal(host.visual, reference.visual)
         assert (host.prefix_len, host.end_mrope, host.prefix_mrope) == (
             reference.prefix_len, reference.end_mrope, reference.prefix_mrope)
+
+
+def test_after_a_long_request_leaves_new_rows_fit_the_layout_in_force(engine, corpus_dir, prepared):
+    """A long prompt makes the slots long (768 positions: 2 rows in a pool of 1536); once it has left, a
+    small survivor keeps the batch going and three small requests arrive: 4 rows only fit slots of 384, so
+    the layout shrinks (a relayout of the survivor's row) and every one runs, with its solo tokens."""
+    with Image.open(corpus_dir / "desktop_pcmanfm_xterm_mousepad_1920x1080.png") as img:
+        page = np.ascontiguousarray(np.asarray(img.convert("RGB"))[:512, :640])
+    long = GroundRequest(engine.prepare(page, PruneSettings(enabled=False)), TEXTS[0], max_new_tokens=2)
+    small = [GroundRequest(prepared[0], TEXTS[0], max_new_tokens=8) for _ in range(4)]
+    batched = fresh(engine, max_batch_tokens=1536)
+    first = [batched.sequence(long), batched.sequence(small[0])]
+    assert 384 < first[0].need + 1 <= 768 and 256 < first[1].need + 1 <= 384
+    for seq in first:
+        batched.add(seq)
+    while not first[0].done:
+        batched.step()
+    assert batched.scheduler.slot_len == 768 and not first[1].done
+    later = [batched.sequence(r) for r in small[1:]]
+    for seq in later:
+        batched.add(seq)
+    batched.step()
+    assert batched.scheduler.slot_len == 384 and all(s.status is Status.RUNNING for s in later)
+    batched.scheduler.check()
+    while not batched.idle:
+        batched.step()
+    alone = solo(engine, small[0])[0]
+    assert all(s.status is Status.FINISHED and s.tokens == alone for s in [first[1]] + later)
