@@ -226,3 +226,27 @@ def test_text_attention_must_take_4d_masks(engine):
             GroundingEngine(engine.model, engine.processor)
     finally:
         text._attn_implementation = saved
+
+
+def test_the_kv_pool_is_sized_from_the_free_device_memory(engine):
+    """Without --max-batch-tokens a CUDA engine sizes its pool after the warm-up: the fraction of the free
+    memory left after the prefix cache, in whole positions (the same code path runs here with the free
+    bytes given); a CPU engine takes CPU_KV_TOKENS, and --max-batch-tokens always wins."""
+    from pixelprune.model.engine import kv_pool_tokens
+    from pixelprune.model.request import CPU_KV_TOKENS, BatchSettings
+
+    per_token = engine.kv_bytes_per_token  # 4 layers x (K, V) x 2 heads x 32 x 4 bytes = 2048
+    assert kv_pool_tokens(10 * 2 ** 30, 0.5, per_token, 2 ** 30) == int(9 * 2 ** 30 * 0.5) // per_token == 2359296
+    assert kv_pool_tokens(2 ** 20, 0.5, per_token, 2 ** 30) == 256  # never below one shortest slot
+    cpu = GroundingEngine(engine.model, engine.processor, batch=BatchSettings())
+    assert cpu.kv_capacity_tokens == CPU_KV_TOKENS and cpu.pool_sized
+    fixed = GroundingEngine(engine.model, engine.processor, batch=BatchSettings(max_batch_tokens=4096))
+    assert fixed.size_kv_pool(free_bytes=10 * 2 ** 30) == 4096
+    auto = GroundingEngine(engine.model, engine.processor,
+                           batch=BatchSettings(kv_cache_memory_fraction=0.25, prefix_cache_bytes=2 ** 20))
+    auto.pool_sized = False  # as on CUDA before the warm-up
+    tokens = auto.size_kv_pool(free_bytes=64 * 2 ** 20)
+    assert tokens == int((64 - 1) * 2 ** 20 * 0.25) // per_token == 8064
+    assert auto.kv_capacity_tokens == auto.scheduler.limits.capacity_tokens == tokens
+    assert auto.runner.cache.capacity_tokens == tokens and auto.pool_sized
+    assert auto.ground(engine.prepare(np.full((64, 64, 3), 9, np.uint8), PruneSettings()), "x").generated_tokens
