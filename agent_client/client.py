@@ -13,15 +13,20 @@ agent_client.messages.
 Unary calls are retried on UNAVAILABLE only (server down, restarting, or not
 yet listening), with exponential backoff and jitter, inside one overall
 deadline (`timeout`). Every other status is final: retrying a bad request or a
-bad token cannot succeed. Streams are not retried (their frames cannot be
-replayed); a live loop reopens the stream instead. Failures surface as
-`GroundingError` (subclasses per cause) whose message is one line.
+bad token cannot succeed. A stream's frames are not replayed, but a stream that
+the server ends while frames are still coming (a draining replica ends its
+streams with OK after their current frame) is reopened for the next frames, in
+the same session, with the instruction and pruning in force; opening it again is
+retried on UNAVAILABLE like a unary call, so the load balancer's next replica
+takes over. Failures surface as `GroundingError` (subclasses per cause) whose
+message is one line.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -58,6 +63,38 @@ def _channel_credentials(tls) -> grpc.ChannelCredentials | None:
         return grpc.ssl_channel_credentials()
     roots = bytes(tls) if isinstance(tls, (bytes, bytearray)) else Path(tls).read_bytes()
     return grpc.ssl_channel_credentials(root_certificates=roots)
+
+
+class _FrameSource:
+    """A stream's frames, shared by the calls that carry them (one after the other: a reopened stream takes
+    over): numbered from 1 across them, with the session, instruction and pruning in force; `done` once the
+    caller's frames are exhausted. gRPC pulls requests on its own thread, so the frames are taken under a
+    lock, and a frame taken for a call that has already ended is given back for the next one."""
+
+    def __init__(self, frames: Iterable, instruction: str, session_id: str | None, settings: pb.PruningSettings):
+        self._frames = iter(frames)
+        self._lock = threading.Lock()
+        self._back: tuple | None = None
+        self.instruction, self.session_id, self.settings = instruction, session_id, settings
+        self.sequence = 0  # the last frame's number
+        self.done = False
+
+    def take(self) -> tuple | None:
+        """(image, new instruction or None), or None once the frames are exhausted."""
+        with self._lock:
+            if self._back is not None:
+                item, self._back = self._back, None
+                return item
+            try:
+                item = next(self._frames)
+            except StopIteration:
+                self.done = True
+                return None
+            return item if isinstance(item, tuple) else (item, None)
+
+    def give_back(self, item: tuple) -> None:
+        with self._lock:
+            self._back = item
 
 
 class GroundingClient:
@@ -139,7 +176,7 @@ class GroundingClient:
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
                     raise self._error(exc) from None
-                delay = min(self.backoff_max, self.backoff_initial * 2 ** attempt) * self._jitter.uniform(0.5, 1.0)
+                delay = self._delay(attempt)
                 if time.monotonic() + delay >= deadline:
                     raise self._error(exc) from None
                 log.info("%s: server %s unavailable; retry %d of %d in %.2f s",
@@ -156,42 +193,73 @@ class GroundingClient:
         instruction from that frame on. The n-th frame gets sequence number n (from 1),
         echoed in `GroundResult.sequence`; when frames arrive faster than answers, the
         server answers the newest and reports the dropped ones in `skipped_frames`, so
-        frames sent == answers + sum(skipped_frames). `timeout` bounds the whole stream
-        (None = no deadline). Not retried. Closing the generator cancels the call."""
+        frames sent == answers + sum(skipped_frames), over every stream of the session. A stream the
+        server ends before the frames end (a draining replica) is reopened for the next frames (see the
+        module docstring). `timeout` bounds each stream (None = no deadline). Closing the generator
+        cancels the call."""
         _check_instruction(instruction)  # checked now, not at the first next()
         settings = pruning_settings(method, metric, tau, prune)
         return self._stream(frames, instruction, session_id, settings, timeout)
 
     def _stream(self, frames, instruction, session_id, settings, timeout) -> Iterator[GroundResult]:
-        failure: list[BaseException] = []
-        call = self._stub.GroundStream(self._requests(frames, instruction, session_id, settings, failure),
-                                       timeout=timeout, metadata=self._metadata)
-        try:
-            for response in call:
-                yield GroundResult.from_pb(response)
-        except grpc.RpcError as exc:
+        source = _FrameSource(frames, instruction, session_id, settings)
+        attempt = 0
+        while True:
+            failure: list[BaseException] = []
+            alive = threading.Event()
+            alive.set()
+            call = self._stub.GroundStream(self._requests(source, failure, alive), timeout=timeout,
+                                           metadata=self._metadata)
+            try:
+                for response in call:
+                    result = GroundResult.from_pb(response)
+                    source.session_id, attempt = result.session_id or source.session_id, 0
+                    yield result
+            except grpc.RpcError as exc:
+                if failure:
+                    raise failure[0] from None
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or source.done or attempt >= self.retries:
+                    raise self._error(exc, timeout) from None
+                log.info("stream: server %s unavailable; retry %d of %d", self.target, attempt + 1, self.retries)
+                time.sleep(self._delay(attempt))
+                attempt += 1
+                continue
+            finally:
+                alive.clear()
+                call.cancel()
             if failure:
-                raise failure[0] from None
-            raise self._error(exc, timeout) from None
-        finally:
-            call.cancel()
-        if failure:
-            raise failure[0]
+                raise failure[0]
+            if source.done:
+                return
+            log.info("the server at %s ended the stream before its frames did (draining): reopening it for "
+                     "session %s", self.target, source.session_id or "(new)")
 
-    def _requests(self, frames: Iterable, instruction: str, session_id: str | None,
-                  settings: pb.PruningSettings, failure: list) -> Iterator[pb.Frame]:
-        """Frames as protos. An error here (bad image, capture failure) ends the stream
-        cleanly and is re-raised by `stream` instead of being lost in gRPC's thread."""
+    def _delay(self, attempt: int) -> float:
+        """Seconds before retry `attempt` + 1: min(backoff_max, backoff_initial * 2**attempt) times a jitter in
+        [0.5, 1] (so that clients cut off together do not come back together)."""
+        return min(self.backoff_max, self.backoff_initial * 2 ** attempt) * self._jitter.uniform(0.5, 1.0)
+
+    def _requests(self, source: _FrameSource, failure: list, alive: threading.Event) -> Iterator[pb.Frame]:
+        """Frames as protos; the first frame of each (re)opened stream carries the session, the instruction
+        and the pruning in force. An error here (bad image, capture failure) ends the stream cleanly and is
+        re-raised by `stream` instead of being lost in gRPC's thread."""
+        first = True
         try:
-            for sequence, item in enumerate(frames, start=1):
-                image, new_instruction = item if isinstance(item, tuple) else (item, None)
-                frame = pb.Frame(image=encode_image(image, self.max_message_bytes, self.frame_encoding),
-                                 sequence=sequence)
+            while (item := source.take()) is not None:
+                if not alive.is_set():  # this call has ended: the frame is the next stream's
+                    source.give_back(item)
+                    return
+                image, new_instruction = item
+                source.sequence += 1
                 if new_instruction:
                     _check_instruction(new_instruction)
-                if sequence == 1:  # a first frame's own instruction wins over the stream's
-                    frame.instruction, frame.session_id = new_instruction or instruction, session_id or ""
-                    frame.pruning.CopyFrom(settings)
+                    source.instruction = new_instruction
+                frame = pb.Frame(image=encode_image(image, self.max_message_bytes, self.frame_encoding),
+                                 sequence=source.sequence)
+                if first:
+                    frame.instruction, frame.session_id = source.instruction, source.session_id or ""
+                    frame.pruning.CopyFrom(source.settings)
+                    first = False
                 elif new_instruction:
                     frame.instruction = new_instruction
                 yield frame

@@ -247,3 +247,44 @@ def test_context_manager_closes_the_channel(grounding_server):
         pass
     with pytest.raises(ValueError, match="closed channel"):
         client.ground(np.zeros((64, 64, 3), np.uint8), "click")
+
+
+def test_a_stream_ended_by_a_draining_server_is_reopened_on_the_next_one(tiny_checkpoint, tiny_engine, token_file,
+                                                                          screenshot, caplog):
+    """The server a stream runs on drains (it ends its streams with OK after their current frame) and
+    another takes its address: the client reopens the stream for the next frames, in the same session,
+    numbering on, without the caller seeing more than a pause."""
+    from service.server import create_server
+
+    port = free_port()
+    config = server_config(tiny_checkpoint, token_file, port=port, extra=("--drain-delay-s", "0"))
+    handles = [create_server(config, engine=tiny_engine())]
+    answers, switched = [], threading.Event()
+
+    def frames():
+        for k in range(30):
+            time.sleep(0.1)
+            yield np.ascontiguousarray(screenshot[k * 4:k * 4 + 256, :320])
+
+    def switch():  # the first replica drains and goes; a second one comes up at the same address
+        handles[0].stop(grace=10)
+        handles.append(create_server(config, engine=tiny_engine()))
+        switched.set()
+
+    try:
+        with caplog.at_level(logging.INFO, logger="agent_client"), \
+                GroundingClient(f"127.0.0.1:{port}", token=TOKEN, retries=20, backoff_initial=0.05,
+                                backoff_max=0.3, timeout=60) as client:
+            for result in client.stream(frames(), "click the Save button", session_id="agent-drain"):
+                answers.append(result)
+                if len(answers) == 3:
+                    threading.Thread(target=switch).start()
+        assert switched.wait(30)
+    finally:
+        for handle in handles:
+            handle.stop(0)
+    sequences = [a.sequence for a in answers]
+    assert sequences == sorted(set(sequences)) and sequences[-1] == 30  # one numbering over both streams
+    assert {a.session_id for a in answers} == {"agent-drain"}
+    assert any(a.sequence > 10 for a in answers) and len(answers) + sum(a.skipped_frames for a in answers) <= 30
+    assert any("ended the stream before its frames did" in r.getMessage() for r in caplog.records)
