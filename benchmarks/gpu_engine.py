@@ -81,4 +81,5 @@ def attention_kernels(engine) -> dict:
     config = engine.model.config
     text = config.text_config._attn_implementation
     return {"vit": config.vision_config._attn_implementation, "prefill": text, "decode": text,
-            "decode_cuda_graphs": engine.device.type == "cuda" and engine.batch_settings.cuda_graphs}
+            "decode_cuda_graphs": engine.device.type == "cuda" and engine.batch_settings.cuda_graphs,
+            "compiled_mlps": engine.batch_settings.compile}

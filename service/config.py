@@ -172,6 +172,7 @@ _NESTED: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
                                                        "max_prefill_tokens", "stop_after_point", "prefix_cache_bytes",
                                                        "vision_cache_size")},
     "no_cuda_graphs": ("batch", "cuda_graphs", lambda v: not v),
+    "compile": ("batch", "compile", lambda v: v),
     **{f"prune_{name}": ("prune", name, lambda v: v) for name in ("method", "metric", "tau", "enabled")},
 }
 
@@ -301,7 +302,10 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
 _SWITCHES: list[tuple[str, str, str]] = [
     ("no_cuda_graphs", "--no-cuda-graphs", "decode without CUDA graphs"),
     ("stop_after_point", "--stop-after-point", "end an answer once it holds a closed point"),
+    ("compile", "--compile", "torch.compile the ViT's and the LLM's MLPs, dynamic shapes (--no-compile: eager; "
+     "off until measured on a GPU)"),
 ]
+_TOGGLES = ("compile",)  # switches that also take --no-<flag>
 
 
 def env_name(flag: str) -> str:
@@ -323,7 +327,7 @@ HELP_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "batching and caches": (
         "how the engine batches requests, how large its KV pool is, and what it keeps for the next request",
         ("max_batch_size", "max_batch_tokens", "kv_cache_memory_fraction", "max_prefill_tokens", "no_cuda_graphs",
-         "prefix_cache_bytes", "vision_cache_size")),
+         "compile", "prefix_cache_bytes", "vision_cache_size")),
     "limits and admission": (
         "what a request may be and how many may wait or run at once",
         ("max_image_pixels", "max_message_bytes", "max_instruction_chars", "max_instruction_tokens",
@@ -353,7 +357,8 @@ def _argument_specs() -> dict[str, tuple[str, dict[str, Any]]]:
         specs[field] = (flag, dict(dest=field, default=None, metavar=field.split("_")[-1].upper(),
                                    help=with_default(help_text, default, env_name(flag))))
     for field, flag, help_text in [("no_prune", "--no-prune", "run the model on every block by default")] + _SWITCHES:
-        specs[field] = (flag, dict(dest=field, action="store_true", default=None,
+        action = argparse.BooleanOptionalAction if field in _TOGGLES else "store_true"
+        specs[field] = (flag, dict(dest=field, action=action, default=None,
                                    help=with_default(help_text, False, env_name(flag))))
     return specs
 

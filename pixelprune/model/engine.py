@@ -39,6 +39,7 @@ from transformers import AutoModelForImageTextToText
 from pixelprune.model.adapter import MODEL_TYPES, PrunedQwen3VL, VisionFeatures
 from pixelprune.model.attention import SLOT_ATTENTION
 from pixelprune.model.checkpoint import check_model
+from pixelprune.model.compiled import compile_feed_forward
 from pixelprune.model.pipeline import (PreparedImage, chat_token_ids, image_token_id, prepare_image, user_message,
                                        vision_spec)
 from pixelprune.model.positions import same_masks
@@ -179,6 +180,8 @@ class GroundingEngine:
         self.batch_settings = batch
         self.pool_sized = batch.max_batch_tokens is not None or self.device.type != "cuda"
         capacity = batch.max_batch_tokens or (WARMUP_KV_TOKENS if self.device.type == "cuda" else CPU_KV_TOKENS)
+        if batch.compile:
+            compile_feed_forward(model, batch.compile_backend)  # compiled by the warm-up's first call
         self.runner = ModelRunner(model, processor, self.encode_features, capacity, cuda_graphs=batch.cuda_graphs)
         stop = self._holds_point if batch.stop_after_point else None
         self.scheduler = Scheduler(self._limits(capacity), self.eos_token_ids, stop=stop)

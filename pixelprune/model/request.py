@@ -37,6 +37,8 @@ class BatchSettings:
     #                                        (after the model, a warm-up and the prefix cache) the pool takes
     max_prefill_tokens: int = 8192  # prompt tokens prefilled in one step (a step's first prompt may exceed it)
     cuda_graphs: bool = True  # on CUDA, replay the decode step from CUDA graphs (ignored on CPU)
+    compile: bool = False  # torch.compile the ViT's and the LLM's MLPs, dynamic shapes (pixelprune.model.compiled)
+    compile_backend: str = "inductor"  # torch.compile's backend ("eager" traces only: tests)
     stop_after_point: bool = False  # finish an answer as soon as its text holds a closed point
     prefix_cache_bytes: int = GIB  # device bytes of cached prompt prefixes (keys/values), LRU; 0 = off
     vision_cache_size: int = 32  # vision-encoder outputs kept per cache key (entries, LRU); 0 = off
