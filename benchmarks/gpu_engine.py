@@ -14,7 +14,7 @@ def measure(engine, pixels, settings, instruction: str) -> dict:
     import torch
 
     from pixelprune.model.request import GroundRequest
-    from pixelprune.model.scheduler import Status
+    from pixelprune.model.step import Status
 
     def sync():
         if engine.device.type == "cuda":

@@ -32,7 +32,7 @@ from pixelprune.keepmask import pack_keep
 from pixelprune.settings import PruneSettings
 from pixelprune.timings import Timings
 from pixelprune.model.request import GroundRequest
-from pixelprune.model.scheduler import Status
+from pixelprune.model.step import Status
 from service.admission import STREAM, UNARY, Admission
 from service.errors import Cancelled, DeadlineExpired
 from service.images import RawImage, decode_image

@@ -8,6 +8,9 @@
 | `pipeline` | screenshot -> resized uint8 -> keep mask -> kept `pixel_values` and token ids |
 | `engine` | `GroundingEngine`: load, prepare, encode, ground; `sequence` / `step` / `output` for the loop |
 | `scheduler` | torch-free: waiting and running sequences, rows, layout, budgets, stores' bookkeeping -> `StepPlan` |
+| `step` | torch-free plain data between scheduler and runner: `Sequence`, `StepPlan`, `StepResult` |
+| `loading` | device, dtype and attention choices when loading a checkpoint; random-weight detection |
+| `compiled` | `--compile`: torch.compile of the ViT's and the LLM's MLPs, dynamic shapes |
 | `runner` | the device: model, KV slots, stored prefixes and vision features, CUDA graphs; executes a `StepPlan` |
 | `loop` | `EngineLoop`: one thread repeating schedule -> execute -> update; futures for the callers |
 | `request` | `GroundRequest`, `GroundingOutput`, `BatchSettings` (what goes in and out of the engine) |

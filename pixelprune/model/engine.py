@@ -29,7 +29,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Hashable
 
 import numpy as np
@@ -39,6 +38,9 @@ from transformers import AutoModelForImageTextToText
 from pixelprune.model.adapter import MODEL_TYPES, PrunedQwen3VL, VisionFeatures
 from pixelprune.model.attention import SLOT_ATTENTION
 from pixelprune.model.checkpoint import check_model
+from pixelprune.model.loading import (RANDOM_WEIGHTS_MARKER, TEXT_LOADED, attention_config,
+                                      checkpoint_has_random_weights, resolve_attn_implementation, resolve_device,
+                                      resolve_dtype)
 from pixelprune.model.compiled import compile_feed_forward
 from pixelprune.model.pipeline import (PreparedImage, chat_token_ids, image_token_id, prepare_image, user_message,
                                        vision_spec)
@@ -46,75 +48,22 @@ from pixelprune.model.positions import same_masks
 from pixelprune.model.processor import load_processor
 from pixelprune.model.request import CPU_KV_TOKENS, BatchSettings, GroundingOutput, GroundRequest, ModelSpec
 from pixelprune.model.runner import ModelRunner, Work
-from pixelprune.model.scheduler import LENGTH_BUCKETS, Scheduler, SchedulerLimits, Sequence, Status, StepResult
+from pixelprune.model.scheduler import LENGTH_BUCKETS, Scheduler, SchedulerLimits
+from pixelprune.model.step import Sequence, Status, StepResult
 from pixelprune.profiles import AUTO, QWEN3_VL, ModelProfile, checkpoint_hints, resolve_profile
 from pixelprune.selectors import select_blocks
 from pixelprune.settings import METHODS, METRICS, PruneSettings
 
 __all__ = ["BatchSettings", "GroundingEngine", "GroundingOutput", "GroundRequest", "ModelSpec", "PreparedImage",
+           "RANDOM_WEIGHTS_MARKER", "attention_config", "checkpoint_has_random_weights", "resolve_attn_implementation",
+           "resolve_device", "resolve_dtype",
            "PruneSettings", "Sequence", "StepStats", "VisionFeatures"]
 
 log = logging.getLogger(__name__)
 
-RANDOM_WEIGHTS_MARKER = "RANDOM WEIGHTS"  # README.md heading written by `pixelprune tiny-checkpoint`
 PROMPT_CACHE_SIZE = 256  # prompt texts whose chat token ids the engine keeps (a few KB each)
-TEXT_ATTENTION = ("sdpa", "eager", SLOT_ATTENTION)  # text attentions the engine drives (sdpa becomes SLOT_ATTENTION)
+TEXT_ATTENTION = TEXT_LOADED + (SLOT_ATTENTION,)  # text attentions the engine drives (sdpa becomes SLOT_ATTENTION)
 WARMUP_KV_TOKENS = 16384  # KV pool positions while the model warms up on CUDA (then sized from free memory)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else must name an available device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"unknown device {device!r}") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    if resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r}; use auto, cpu or cuda[:N]")
-    return resolved
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """"auto" -> bfloat16 on CUDA, float32 on CPU; else one of float32, bfloat16, float16."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
-def resolve_attn_implementation(requested: str | None, device: torch.device) -> str:
-    """None -> flash_attention_2 on CUDA when flash_attn is importable, else sdpa. (The vision
-    encoder's; the text model takes sdpa unless eager is asked for, see `attention_config`.)"""
-    if requested is not None:
-        return requested
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
-
-
-def checkpoint_has_random_weights(model_id: str, config) -> bool:
-    """True for checkpoints written by `pixelprune tiny-checkpoint`: a local directory whose
-    README.md carries the RANDOM WEIGHTS heading, or a config flag `pixelprune_random_weights`."""
-    if bool(getattr(config, "pixelprune_random_weights", False)):
-        return True
-    readme = Path(model_id) / "README.md"
-    return readme.is_file() and RANDOM_WEIGHTS_MARKER in readme.read_text(errors="replace")
-
-
-def attention_config(vision_attn: str) -> str | dict:
-    """`attn_implementation` for from_pretrained: one name when text and vision agree, else per sub-config
-    (the batched text model needs TEXT_ATTENTION: it is given 4-D masks)."""
-    text_attn = vision_attn if vision_attn in TEXT_ATTENTION else "sdpa"
-    return vision_attn if text_attn == vision_attn else {"text_config": text_attn, "vision_config": vision_attn}
 
 
 def kv_pool_tokens(free_bytes: int, fraction: float, bytes_per_token: int, reserved_bytes: int = 0) -> int:

@@ -24,7 +24,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from pixelprune.model.scheduler import Sequence, Status
+from pixelprune.model.step import Sequence, Status
 
 log = logging.getLogger(__name__)
 

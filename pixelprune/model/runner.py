@@ -30,7 +30,7 @@ from pixelprune.model.generation import (Chunk, DecodeGraphs, Prompt, decode_kv_
                                          prompt_chunk, prompt_from_chat)
 from pixelprune.model.kvcache import LENGTH_BUCKETS, SlotKVCache
 from pixelprune.model.prefix import PrefixEntry
-from pixelprune.model.scheduler import Decode, Prefill, SeqResult, StepPlan, StepResult
+from pixelprune.model.step import Decode, Prefill, SeqResult, StepPlan, StepResult
 
 log = logging.getLogger(__name__)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # decode batch sizes captured as CUDA graphs

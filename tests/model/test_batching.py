@@ -13,7 +13,7 @@ from PIL import Image
 
 from pixelprune.model.engine import BatchSettings, GroundingEngine, GroundRequest, ModelSpec, PruneSettings
 from pixelprune.model.generation import DecodeGraphs
-from pixelprune.model.scheduler import Status
+from pixelprune.model.step import Status
 
 FULL = PruneSettings(enabled=False)
 

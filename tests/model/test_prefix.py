@@ -14,7 +14,7 @@ from pixelprune.model.generation import Chunk, build_prompt, extend, prompt_chun
 from pixelprune.model.kvcache import SlotKVCache
 from pixelprune.model.pipeline import build_inputs, user_message
 from pixelprune.model.runner import _Item
-from pixelprune.model.scheduler import Prefill
+from pixelprune.model.step import Prefill
 from pixelprune.points import grounding_prompt
 
 ATOL = 2e-5  # fp32: the same sums in another order (the prefix's keys computed in a longer or shorter batch)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from pixelprune.model.engine import BatchSettings, GroundingEngine, GroundRequest, ModelSpec, PruneSettings
-from pixelprune.model.scheduler import Status
+from pixelprune.model.step import Status
 
 ATOL = 1e-5  # fp32: the same sums in other shapes (padded rows, batched matmuls)
 

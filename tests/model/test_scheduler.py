@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pixelprune.model.scheduler import (LENGTH_BUCKETS, Ledger, Move, Scheduler, SchedulerLimits, SeqResult, Sequence,
-                                        Status, StepResult, slot_for)
+from pixelprune.model.scheduler import LENGTH_BUCKETS, Ledger, Scheduler, SchedulerLimits, slot_for
+from pixelprune.model.step import Move, SeqResult, Sequence, Status, StepResult
 
 EOS = 0
 

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pixelprune.model.engine import BatchSettings, GroundingEngine, GroundRequest, PruneSettings
 from pixelprune.model.loop import EngineLoop
-from pixelprune.model.scheduler import Status
+from pixelprune.model.step import Status
 from pixelprune_api.grounding.v1 import grounding_pb2 as pb
 from service.grounding import GroundQuery
 from service_testlib import MAX_NEW_TOKENS, FrameFeed, hold_engine, raw_image, scrape, stub_for, wait_until
