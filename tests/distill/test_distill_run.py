@@ -126,7 +126,7 @@ def _interrupt_after_first_step(command: list[str]) -> tuple[int, str]:
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(shots_dir, tiny_checkpoint, tmp_path, capsys):
-    out, steps = tmp_path / "out", 8
+    out, steps = tmp_path / "out", 20  # room for the signal to land before the last step
     args = [str(shots_dir / "screenspot_mobile_v2.json"), "--model", str(tiny_checkpoint), "--max-steps", str(steps),
             "--save-steps", "1000", "--seed", "3"]
     code, err = _interrupt_after_first_step([*args, "--out", str(out)])
