@@ -214,12 +214,11 @@ class Scheduler:
         """Waiting sequences in arrival order while they fit the layout and the step's prefill budget."""
         rows, need = len(self.running), max((s.need for s in self.running), default=0)
         slot_len = self._layout(rows, need) if rows else self.slot_len
-        admitted, budget, cold_keys, deferred = [], self.limits.max_prefill_tokens, set(), []
+        admitted, budget, cold_keys = [], self.limits.max_prefill_tokens, set()
         reuse = self.prefixes.capacity or self.visions.capacity
         for seq in self.waiting:
             if reuse and seq.cache_key is not None and seq.cache_key in cold_keys:
-                deferred.append(seq)  # its frame's ViT and prefix run in this step: reuse them next step
-                continue
+                continue  # its frame's ViT and prefix run in this step: it waits to reuse them next step
             if not self.fits_alone(seq.need):
                 self._end(seq, Status.FAILED, ValueError(
                     f"the prompt and answer need {seq.need} tokens of KV cache, more than the cache holds "
@@ -227,11 +226,12 @@ class Scheduler:
                 ended.append(seq)
                 continue
             layout = self._layout(rows + 1, max(need, seq.need))
-            hit = self._prefix_usable(seq) and self.prefixes.holds(seq.cache_key, seq.prefix_signature)
+            usable = self._prefix_usable(seq)
+            hit = usable and self.prefixes.holds(seq.cache_key, seq.prefix_signature)
             tokens = seq.prompt_tokens - (seq.prefix_len if hit else 0)
             if layout is None or (admitted and tokens > budget):
                 break  # first come, first served: nothing overtakes the head of the line
-            if self._prefix_usable(seq):
+            if usable:
                 seq.prefix_hit = self.prefixes.lookup(seq.cache_key, seq.prefix_signature)  # counted, touched
             if not hit and seq.cache_key is not None:
                 cold_keys.add(seq.cache_key)
