@@ -24,14 +24,6 @@ from transformers.cache_utils import Cache
 from pixelprune.model.scheduler import LENGTH_BUCKETS
 
 
-def length_bucket(tokens: int) -> int:
-    """The smallest slot length in LENGTH_BUCKETS holding `tokens` (ValueError beyond the last)."""
-    for bucket in LENGTH_BUCKETS:
-        if bucket >= tokens:
-            return bucket
-    raise ValueError(f"a sequence of {tokens} tokens is longer than the longest slot ({LENGTH_BUCKETS[-1]})")
-
-
 class SlotKVCache(Cache):
     """Keys and values of up to `capacity_tokens // slot_len` sequences; see the module docstring.
 

@@ -28,8 +28,9 @@ from pixelprune.model.adapter import VisionFeatures
 from pixelprune.model.attention import use_slot_attention
 from pixelprune.model.generation import (Chunk, DecodeGraphs, Prompt, decode_kv_len, decode_step, extend, greedy,
                                          prompt_chunk, prompt_from_chat)
-from pixelprune.model.kvcache import LENGTH_BUCKETS, SlotKVCache
+from pixelprune.model.kvcache import SlotKVCache
 from pixelprune.model.prefix import PrefixEntry
+from pixelprune.model.scheduler import LENGTH_BUCKETS
 from pixelprune.model.step import Decode, Prefill, SeqResult, StepPlan, StepResult
 
 log = logging.getLogger(__name__)

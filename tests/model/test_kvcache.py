@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pixelprune.model.kvcache import LENGTH_BUCKETS, SlotKVCache, length_bucket
+from pixelprune.model.kvcache import SlotKVCache
 
 LAYERS, HEADS, DIM = 2, 3, 4
 
@@ -34,13 +34,6 @@ def check(cache, ref):
     for (layer, row, pos), (k, v) in ref.items():
         keys, values = cache._views[layer]
         assert torch.equal(keys[row, :, pos], k) and torch.equal(values[row, :, pos], v)
-
-
-def test_length_buckets():
-    assert LENGTH_BUCKETS[:6] == (256, 384, 512, 768, 1024, 1536) and LENGTH_BUCKETS[-1] == 65536
-    assert [length_bucket(n) for n in (1, 256, 257, 1025, 65536)] == [256, 256, 384, 1536, 65536]
-    with pytest.raises(ValueError):
-        length_bucket(65537)
 
 
 def test_update_writes_at_each_rows_positions_and_returns_the_rows_views():

@@ -25,6 +25,12 @@ from pixelprune.model.step import Move, SeqResult, Sequence, Status, StepResult
 EOS = 0
 
 
+def test_slot_for_is_the_smallest_bucket_holding_the_tokens():
+    assert LENGTH_BUCKETS[:6] == (256, 384, 512, 768, 1024, 1536) and LENGTH_BUCKETS[-1] == 65536
+    assert [slot_for(n) for n in (1, 256, 257, 1025, 65536)] == [256, 256, 384, 1536, 65536]
+    assert slot_for(65537) is None
+
+
 class FakeRunner:
     """Executes plans on a pool of rows of position markers; raises on anything outside the layout."""
 
