@@ -24,6 +24,7 @@ records metrics or logs requests: the service does.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import logging
 import threading
@@ -369,12 +370,13 @@ class GroundingEngine:
             return self.kv_capacity_tokens
         if not self.idle:
             raise RuntimeError("the KV pool is sized with nothing running")
-        old = self.runner.cache.nbytes if self.runner._cache is not None else 0
+        old = self.runner.pool_bytes
         if free_bytes is None:
             free_bytes = torch.cuda.mem_get_info(self.device)[0] + old
         tokens = kv_pool_tokens(free_bytes, self.batch_settings.kv_cache_memory_fraction, self.kv_bytes_per_token,
                                 self.batch_settings.prefix_cache_bytes)
-        self.runner = None  # the warm-up pool is freed before the sized one is allocated
+        self.runner = None  # the warm-up pool is freed before the sized one is allocated:
+        gc.collect()  # the runner's decode step (and its CUDA graphs) refer back to it, so refcounts alone keep it
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.runner = ModelRunner(self.model, self.processor, self.encode_features, tokens,

@@ -131,6 +131,11 @@ class ModelRunner:
         return self._cache
 
     @property
+    def pool_bytes(self) -> int:
+        """The KV pool's bytes on the device; 0 while it is not allocated."""
+        return self._cache.nbytes if self._cache is not None else 0
+
+    @property
     def prefix_bytes(self) -> int:
         return sum(entry.nbytes for entry in self.prefixes.values())
 

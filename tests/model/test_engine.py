@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 from types import SimpleNamespace
 
@@ -245,7 +246,10 @@ def test_the_kv_pool_is_sized_from_the_free_device_memory(engine):
     auto = GroundingEngine(engine.model, engine.processor,
                            batch=BatchSettings(kv_cache_memory_fraction=0.25, prefix_cache_bytes=2 ** 20))
     auto.pool_sized = False  # as on CUDA before the warm-up
+    warm_pool = weakref.ref(auto.runner.cache)
+    assert auto.runner.pool_bytes == CPU_KV_TOKENS * per_token
     tokens = auto.size_kv_pool(free_bytes=64 * 2 ** 20)
+    assert warm_pool() is None  # the warm-up pool is gone before the sized one is allocated
     assert tokens == int((64 - 1) * 2 ** 20 * 0.25) // per_token == 8064
     assert auto.kv_capacity_tokens == auto.scheduler.limits.capacity_tokens == tokens
     assert auto.runner.cache.capacity_tokens == tokens and auto.pool_sized
