@@ -165,16 +165,22 @@ def parse_token_file(text: str, path: str = "--auth-token-file") -> dict[str, st
 
 
 # Options whose flags set a field of a nested settings object: option -> (ServiceConfig field, its field,
-# how the flag's value maps onto it). Every other option is a ServiceConfig field of the same name.
-_NESTED: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
-    **{name: ("spec", name, lambda v: v) for name in ("model", "device", "dtype", "max_new_tokens", "profile")},
-    **{name: ("batch", name, lambda v: v) for name in ("max_batch_size", "max_batch_tokens", "kv_cache_memory_fraction",
-                                                       "max_prefill_tokens", "stop_after_point", "prefix_cache_bytes",
-                                                       "vision_cache_size")},
-    "no_cuda_graphs": ("batch", "cuda_graphs", lambda v: not v),
-    "compile": ("batch", "compile", lambda v: v),
-    **{f"prune_{name}": ("prune", name, lambda v: v) for name in ("method", "metric", "tau", "enabled")},
+# whether the flag is the field's negation, as --no-cuda-graphs is of cuda_graphs). Every other option is a
+# ServiceConfig field of the same name.
+_NESTED: dict[str, tuple[str, str, bool]] = {
+    **{name: ("spec", name, False) for name in ("model", "device", "dtype", "max_new_tokens", "profile")},
+    **{name: ("batch", name, False) for name in ("max_batch_size", "max_batch_tokens", "kv_cache_memory_fraction",
+                                                 "max_prefill_tokens", "stop_after_point", "prefix_cache_bytes",
+                                                 "vision_cache_size")},
+    "no_cuda_graphs": ("batch", "cuda_graphs", True),
+    "compile": ("batch", "compile", False),
+    **{f"prune_{name}": ("prune", name, False) for name in ("method", "metric", "tau", "enabled")},
 }
+
+
+def _flip(value, negated: bool):
+    """A nested option's value between the flag and the field (negation is its own inverse)."""
+    return (not value) if negated else value
 
 
 def option_names() -> set[str]:
@@ -187,9 +193,8 @@ def option_default(option: str, config: "ServiceConfig | None" = None):
     config = ServiceConfig() if config is None else config
     if option not in _NESTED:
         return getattr(config, option)
-    group, name, to_field = _NESTED[option]
-    value = getattr(getattr(config, group), name)
-    return (not value) if option == "no_cuda_graphs" else value
+    group, name, negated = _NESTED[option]
+    return _flip(getattr(getattr(config, group), name), negated)
 
 
 def configure(base: "ServiceConfig | None" = None, **options) -> "ServiceConfig":
@@ -200,8 +205,8 @@ def configure(base: "ServiceConfig | None" = None, **options) -> "ServiceConfig"
     top, nested = {}, {"spec": {}, "batch": {}, "prune": {}}
     for option, value in options.items():
         if option in _NESTED:
-            group, name, to_field = _NESTED[option]
-            nested[group][name] = to_field(value)
+            group, name, negated = _NESTED[option]
+            nested[group][name] = _flip(value, negated)
         elif option in ServiceConfig.__dataclass_fields__ and option not in nested:
             top[option] = value
         else:
