@@ -60,6 +60,32 @@ class HealthState:
             self._apply()
 
 
+class Periodic:
+    """A daemon thread calling `fn()` every `period_s` seconds until `stop()`; an exception in one call is
+    logged (`what` names the call) and the next call comes as planned."""
+
+    def __init__(self, fn: Callable[[], object], period_s: float, name: str, what: str):
+        self.fn, self.period_s, self.what = fn, period_s, what
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> "Periodic":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                self.fn()
+            except Exception:  # noqa: BLE001 - a bug in one call must not end the thread
+                log.exception("%s failed", self.what)
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stop.set()
+        if timeout is not None and self._thread.is_alive():
+            self._thread.join(timeout)
+
+
 class Watchdog:
     """A daemon thread calling `check()` every interval; `check` is also callable directly (tests)."""
 
@@ -67,11 +93,10 @@ class Watchdog:
                  on_change: Callable[[dict[str, bool]], None] | None = None):
         self.state, self.probes, self.interval_s = state, probes, interval_s
         self._on_change = on_change or (lambda flags: None)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pixelprune-watchdog", daemon=True)
+        self._ticker = Periodic(self.check, interval_s, "pixelprune-watchdog", "the watchdog's check")
 
     def start(self) -> "Watchdog":
-        self._thread.start()
+        self._ticker.start()
         return self
 
     def check(self) -> tuple[str, ...]:
@@ -87,12 +112,5 @@ class Watchdog:
         self.state.set_stalled(reasons)
         return reasons
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.check()
-            except Exception:  # noqa: BLE001 - a probe's bug must not end the watchdog
-                log.exception("the watchdog's check failed")
-
     def stop(self) -> None:
-        self._stop.set()
+        self._ticker.stop()

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from service.errors import QueueFull, StreamIdle
+from service.health import Periodic
 
 log = logging.getLogger(__name__)
 SKIPPED_FRAMES_KEY = "pixelprune-skipped-frames"  # trailing metadata: frames left unanswered at the end
@@ -177,8 +178,7 @@ class StreamRegistry:
         self._on_refused = on_refused or (lambda limit: None)
         self._on_closed = on_closed or (lambda reason: None)
         self.draining = False  # drain() was called: streams end after their current frame
-        self._stop = threading.Event()
-        self._watchdog: threading.Thread | None = None
+        self._watchdog: Periodic | None = None
 
     @property
     def open_count(self) -> int:
@@ -263,18 +263,8 @@ class StreamRegistry:
         if self.limits.idle_timeout_s <= 0 or self._watchdog is not None:
             return
         period = min(WATCHDOG_MAX_PERIOD_S, self.limits.idle_timeout_s / 4)
-
-        def watch() -> None:
-            while not self._stop.wait(period):
-                try:
-                    self.sweep()
-                except Exception:  # noqa: BLE001 - the watchdog must outlive a bug in one sweep
-                    log.exception("stream watchdog: sweep failed")
-
-        self._watchdog = threading.Thread(target=watch, name="pixelprune-stream-watchdog", daemon=True)
-        self._watchdog.start()
+        self._watchdog = Periodic(self.sweep, period, "pixelprune-stream-watchdog", "stream watchdog: sweep").start()
 
     def stop(self) -> None:
-        self._stop.set()
         if self._watchdog is not None:
-            self._watchdog.join(timeout=5)
+            self._watchdog.stop(timeout=5)
