@@ -277,9 +277,9 @@ class ModelRunner:
         if plan.store_vision_key is not None and item.vision is not None:
             self.visions[plan.store_vision_key] = item.vision
             stored_v = True
+        vit_start, vit_end = item.result["vit"] or (0.0, 0.0)  # (): features given, stored or reused
         return SeqResult(seq=seq, token=item.result["token"], logprob=item.result["logprob"], rope_delta=delta,
-                         vit_start=(item.result["vit"] or (0.0, 0.0))[0], vit_end=(item.result["vit"] or (0.0, 0.0))[1],
-                         prefill_start=item.result["start"],
+                         vit_start=vit_start, vit_end=vit_end, prefill_start=item.result["start"],
                          vision_reused=item.vision_reused or item.entry is not None,
                          prefix_stored=stored_p, vision_stored=stored_v, first_token_at=item.result["at"],
                          vision=item.vision)
